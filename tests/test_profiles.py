@@ -1,0 +1,50 @@
+import pytest
+
+import helpers as H
+
+
+@pytest.mark.parametrize("name", ["paper", "cpu", "tiny"])
+def test_every_profile_loads(name):
+    profile = H.load_profile(name)
+    assert profile.name == name and profile.roles
+    assert all(isinstance(spec, H.ModelSpec) for spec in profile.models.values())
+
+
+def test_paper_profile_is_the_papers_setting():
+    p = H.load_profile("paper")
+    assert p.roles == ["base", "AT", "LAT"]
+    assert p.models["LAT"].adapter == "nlpett/llama-2-7b-chat-hf-LAT-layer4-hh"
+    assert p.template == "\n[INST]{prompt}[/INST]\n"
+    assert (p.layer, p.read_position, p.n_direction, p.n_eval, p.max_new_tokens) == (14, -1, 100, 520, 64)
+    assert (p.quantization, p.dtype) == ("nf4", "float16")
+
+
+def test_unknown_profile_lists_valid_ones():
+    with pytest.raises(H.ConfigError, match=r"unknown profile 'gpu'.*\['cpu', 'paper', 'tiny'\]"):
+        H.load_profile("gpu")
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(H.ConfigError, match=r"unknown key\(s\) \['layers'\]; valid keys: .*'layer'"):
+        H.load_profile("tiny", {"layers": 3})
+
+
+def test_wrong_type_is_an_error():
+    with pytest.raises(H.ConfigError, match="key 'n_eval' must be int, got str"):
+        H.load_profile("tiny", {"n_eval": "8"})
+
+
+def test_overrides_apply():
+    assert H.load_profile("tiny", {"n_eval": 3}).n_eval == 3
+
+
+def test_unknown_model_role():
+    with pytest.raises(H.ConfigError, match=r"has no model 'AT'; its models: \['base', 'LAT'\]"):
+        H.model_role_spec(H.load_profile("tiny"), "AT")
+
+
+def test_nf4_without_cuda_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(H.torch.cuda, "is_available", lambda: False)
+    profile = H.load_profile("tiny", {"quantization": "nf4"})
+    with pytest.raises(H.ConfigError, match="needs CUDA.*'quantization': 'none'"):
+        H.load_model(profile, "base")

@@ -1,0 +1,46 @@
+"""The repository's promises: pinned installs agree, notebooks are clean, the runner names failures."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pins(lines):
+    return sorted(line.strip() for line in lines if "==" in line and not line.strip().startswith("#"))
+
+
+def test_requirements_and_environment_pin_the_same_versions():
+    req = _pins((REPO / "requirements.txt").read_text().splitlines())
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert req == _pins(pip_section)
+    assert "torch==2.13.0" in req
+
+
+def test_notebooks_are_committed_without_outputs_and_have_a_parameters_cell():
+    notebooks = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert notebooks
+    for path in notebooks:
+        nb = nbformat.read(path, as_version=4)
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), path.name
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1 and "profile" in tagged[0].source, path.name
+
+
+def test_runner_stops_naming_the_notebook_and_cell(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell('profile = "tiny"', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("x = 1"),
+        nbformat.v4.new_code_cell("raise ValueError('boom')"),
+    ])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "07_broken.ipynb")
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "run_notebooks.py"), "--profile", "tiny",
+                             "--notebooks", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "FAILED: 07_broken.ipynb, cell" in result.stderr and "ValueError: boom" in result.stderr
