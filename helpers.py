@@ -67,6 +67,8 @@ class Profile:
     n_eval: int                    # harmful evaluation prompts (<= 520)
     batch_size: int
     max_new_tokens: int
+    n_bootstrap: int = 1000        # resamples for bootstrap intervals and permutation nulls
+    seed: int = 0
 
     @property
     def roles(self) -> list[str]:
@@ -107,7 +109,9 @@ def load_profile(name: str = "cpu", overrides: dict | None = None) -> Profile:
     raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text()) or {}
     raw = {**raw, **(overrides or {}), "name": name}
     values = _check_fields(Profile, raw, f"profile '{name}'")
-    missing = sorted({f.name for f in dataclasses.fields(Profile)} - set(values))
+    required = {f.name for f in dataclasses.fields(Profile)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted(required - set(values))
     if missing:
         raise ConfigError(f"profile '{name}': missing key(s) {missing}")
     models = {}
@@ -128,6 +132,15 @@ def load_profile(name: str = "cpu", overrides: dict | None = None) -> Profile:
     if not 1 <= values["n_eval"] <= 520 or values["n_direction"] < 2:
         raise ConfigError(f"profile '{name}': need 1 <= n_eval <= 520 and n_direction >= 2")
     return Profile(**values)
+
+
+def start(profile: str = "cpu", overrides: dict | None = None, run: str | Path | None = None):
+    """The first call of every notebook: (Profile, run folder, figure folder)."""
+    loaded = load_profile(profile, overrides)
+    paths = run_dir(loaded, run), figure_dir(loaded)
+    print(f"profile {loaded.name}: models {loaded.roles}, layer {loaded.layer}, template {loaded.template!r}, "
+          f"read position {loaded.read_position}\nartifacts -> {paths[0]}\nfigures   -> {paths[1]}")
+    return (loaded, *paths)
 
 
 def run_dir(profile: Profile, base: str | Path | None = None) -> Path:
@@ -541,7 +554,7 @@ def capture_block_inputs(model, position: int):
 @torch.no_grad()
 def block_inputs(model, tokenizer, profile: Profile, instructions: list[str], desc: str = "") -> torch.Tensor:
     """[n, n_layers, d] float32 residual stream at the read position for every block input."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
     device = next(model.parameters()).device
     trunk = model.get_decoder() if hasattr(model, "get_decoder") else model  # the lm_head is not needed
     chunks = []
@@ -669,3 +682,147 @@ def adjacent_layer_cosines(directions: torch.Tensor) -> np.ndarray:
     """cos(direction_l, direction_{l+1}) for l = 0..L-2; how smoothly the refusal direction evolves."""
     unit = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return (unit[:-1] * unit[1:]).sum(-1).numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. SVD of the paired harmful-harmless differences (notebook 02; PAPER.md §8.1).
+#    The paper: D = harmful_i - harmless_i (index-paired), *uncentered* SVD, ratio s^2 / sum s^2.
+
+PAPER_SVD = {"base": (49.43, 4.76), "AT": (43.76, 4.79), "LAT": (54.0, 20.0)}  # % at layer 14, PAPER.md §9.3
+
+
+def layer_activations(acts: dict, role: str, layer: int, name: str) -> np.ndarray:
+    """One layer of one cached set as float64 numpy, with errors that name the model and layer."""
+    tensor = acts[name]
+    n_layers = tensor.shape[1]
+    if not -n_layers <= layer < n_layers:
+        raise ConfigError(f"model '{role}': layer {layer} out of range; it has block inputs 0..{n_layers - 1}")
+    x = tensor[:, layer].double().numpy()
+    if not np.isfinite(x).all():
+        raise FloatingPointError(f"model '{role}', layer {layer}: NaN/Inf in the '{name}' activations; "
+                                 f"delete runs/<profile>/activations/{role}.* to recompute")
+    return x
+
+
+def _as_matrix(x, label: str) -> np.ndarray:
+    x = x.detach().double().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"{label}expected a 2-D [n, d] array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise FloatingPointError(f"{label}NaN/Inf in the activations")
+    return x
+
+
+def paired_differences(harmful, harmless, label: str = "") -> np.ndarray:
+    """D[i] = harmful[i] - harmless[i] in float64; the pairing is by index, as in the paper."""
+    prefix = f"{label}: " if label else ""
+    a, b = _as_matrix(harmful, prefix), _as_matrix(harmless, prefix)
+    if a.shape != b.shape:
+        raise ValueError(f"{prefix}harmful {a.shape} and harmless {b.shape} must have the same [n, d] "
+                         f"(the SVD pairs row i with row i)")
+    return a - b
+
+
+def explained_variance_ratio(harmful, harmless, centered: bool = False, label: str = "") -> np.ndarray:
+    """s^2 / sum(s^2) of the [n, d] difference matrix, largest first. centered=False is the paper's
+    measure (an energy share; component 1 is mostly the mean difference); True is PCA of the differences."""
+    from scipy.linalg import svd
+    d = paired_differences(harmful, harmless, label)
+    if centered:
+        d = d - d.mean(0)
+    energy = svd(d, compute_uv=False) ** 2
+    if energy.sum() == 0:
+        raise ValueError(f"{label + ': ' if label else ''}harmful and harmless activations are identical; "
+                         f"no spectrum to share out")
+    return energy / energy.sum()
+
+
+def _gram_ratios(gram: np.ndarray, k: int) -> np.ndarray:
+    """Top-k s^2/sum s^2 from the n x n Gram matrix D D^T (same nonzero spectrum, much cheaper)."""
+    eig = np.clip(np.linalg.eigvalsh(gram)[::-1], 0, None)
+    return eig[:k] / eig.sum()
+
+
+def _center_gram(gram: np.ndarray) -> np.ndarray:
+    return gram - gram.mean(0, keepdims=True) - gram.mean(1, keepdims=True) + gram.mean()
+
+
+def bootstrap_ratios(harmful, harmless, n_boot: int = 1000, seed: int = 0, k: int = 2,
+                     centered: bool = False) -> np.ndarray:
+    """[n_boot, k] ratios after resampling pairs with replacement (rows of the Gram matrix)."""
+    d = paired_differences(harmful, harmless)
+    gram = d @ d.T
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_boot, k))
+    for b in range(n_boot):
+        idx = rng.integers(0, len(d), len(d))
+        g = gram[np.ix_(idx, idx)]
+        out[b] = _gram_ratios(_center_gram(g) if centered else g, k)
+    return out
+
+
+def repairing_null(harmful, harmless, n_perm: int = 1000, seed: int = 0, k: int = 2) -> np.ndarray:
+    """[n_perm, k] uncentered ratios when harmless rows are randomly re-paired with harmful rows:
+    how much of each component the arbitrary pairing alone produces."""
+    a, b = _as_matrix(harmful, ""), _as_matrix(harmless, "")
+    aa, ab, bb = a @ a.T, a @ b.T, b @ b.T
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_perm, k))
+    for p in range(n_perm):
+        perm = rng.permutation(len(b))  # D = a - b[perm]; its Gram from the three blocks
+        cross = ab[:, perm]
+        out[p] = _gram_ratios(aa - cross - cross.T + bb[np.ix_(perm, perm)], k)
+    return out
+
+
+def svd_table(acts_by_role: dict, n_components: int = 10) -> "pd.DataFrame":
+    """Long table: model, layer, component (1-based), uncentered and centered ratio, cumulative."""
+    import pandas as pd
+    rows = []
+    for role, acts in acts_by_role.items():
+        for layer in range(acts["harmful"].shape[1]):
+            h = layer_activations(acts, role, layer, "harmful")
+            hl = layer_activations(acts, role, layer, "harmless")
+            label = f"model '{role}', layer {layer}"
+            if np.array_equal(h, hl):  # e.g. the embeddings of the same read token: nothing to decompose
+                print(f"{label}: harmful and harmless activations are identical; layer skipped")
+                continue
+            plain = explained_variance_ratio(h, hl, label=label)
+            centered = explained_variance_ratio(h, hl, centered=True, label=label)
+            for c in range(min(n_components, len(plain))):
+                rows.append({"model": role, "layer": layer, "component": c + 1, "ratio": plain[c],
+                             "cumulative": plain[:c + 1].sum(), "ratio_centered": centered[c],
+                             "cumulative_centered": centered[:c + 1].sum()})
+    return pd.DataFrame(rows)
+
+
+def svd_summary(acts_by_role: dict, layer: int, n_boot: int = 1000, seed: int = 0) -> "pd.DataFrame":
+    """One row per model at `layer`: the paper's two ratios with bootstrap 95 % intervals, the centered
+    ratios, the random re-pairing null for comparison, and the norm of the mean difference."""
+    import pandas as pd
+    rows = []
+    for role, acts in acts_by_role.items():
+        h = layer_activations(acts, role, layer, "harmful")
+        hl = layer_activations(acts, role, layer, "harmless")
+        plain = explained_variance_ratio(h, hl, label=f"model '{role}', layer {layer}")
+        centered = explained_variance_ratio(h, hl, centered=True)
+        boot = bootstrap_ratios(h, hl, n_boot=n_boot, seed=seed)
+        null = repairing_null(h, hl, n_perm=n_boot, seed=seed)
+        row = {"model": role, "layer": layer, "n_pairs": len(h), "comp1": plain[0], "comp2": plain[1],
+               "first_two": plain[:2].sum()}
+        for name, values in (("comp1", boot[:, 0]), ("comp2", boot[:, 1]), ("first_two", boot.sum(1))):
+            row[f"{name}_low"], row[f"{name}_high"] = np.percentile(values, [2.5, 97.5])
+        row.update({"comp1_centered": centered[0], "comp2_centered": centered[1],
+                    "null_comp1_mean": null[:, 0].mean(), "null_comp2_mean": null[:, 1].mean(),
+                    "null_comp2_p": (1 + (null[:, 1] >= plain[1]).sum()) / (1 + len(null)),
+                    "mean_diff_norm": float(np.linalg.norm(h.mean(0) - hl.mean(0)))})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pca_2d(harmful, harmless) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's Figure 3: centered PCA fit on [harmful; harmless]; returns coords and ratios."""
+    from sklearn.decomposition import PCA
+    x = np.concatenate([_as_matrix(harmful, ""), _as_matrix(harmless, "")])
+    pca = PCA(n_components=2, svd_solver="full").fit(x)
+    return pca.transform(x), pca.explained_variance_ratio_

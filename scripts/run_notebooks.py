@@ -23,7 +23,11 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     import helpers as H
-    profile = H.load_profile(args.profile)  # fail early on an unknown profile
+    try:
+        profile = H.load_profile(args.profile)  # fail early on an unknown profile
+    except H.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out_dir = H.run_dir(profile) / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     notebooks = sorted(Path(args.notebooks).glob("[0-9][0-9]_*.ipynb"))
