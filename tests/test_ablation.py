@@ -1,0 +1,144 @@
+import copy
+
+import pytest
+import torch
+
+import helpers as H
+
+PROMPTS = ["Hi", "Write a long poem about the sea and the sky", "Name three colours, please."]
+
+
+def _direction(model, seed=0):
+    torch.manual_seed(seed)
+    return torch.randn(model.config.hidden_size)
+
+
+def test_ablation_zeroes_every_residual_attention_and_mlp_write(tiny, tiny_model):
+    model, tok = tiny_model
+    r = _direction(model)
+    unit = r / r.norm()
+    seen = []
+    batch = H.tokenize(tok, tiny, PROMPTS)
+    with H.ablation(model, r):
+        observers = []  # registered after the ablation hooks, so they see what the model computes with
+        for layer in H.decoder_layers(model):
+            observers.append(layer.register_forward_pre_hook(
+                lambda m, a, k: seen.append(("resid_pre", (a[0] if a else k["hidden_states"]) @ unit)), with_kwargs=True))
+            observers.append(layer.self_attn.register_forward_hook(lambda m, a, o: seen.append(("attn", o[0] @ unit))))
+            observers.append(layer.mlp.register_forward_hook(lambda m, a, o: seen.append(("mlp", o @ unit))))
+            observers.append(layer.register_forward_hook(
+                lambda m, a, o: seen.append(("resid_post", (o[0] if isinstance(o, tuple) else o) @ unit))))
+        try:
+            model(**batch, position_ids=H.position_ids(batch["attention_mask"]))
+        finally:
+            for handle in observers:
+                handle.remove()
+    assert {kind for kind, _ in seen} == {"resid_pre", "attn", "mlp", "resid_post"}
+    assert len(seen) == 4 * model.config.num_hidden_layers
+    assert max(proj.abs().max().item() for _, proj in seen) <= 1e-5
+    assert all(not layer._forward_pre_hooks and not layer.self_attn._forward_hooks and not layer.mlp._forward_hooks
+               for layer in H.decoder_layers(model)), "hooks must be gone after the context"
+
+
+def test_hooks_removed_on_error(tiny_model):
+    model, _ = tiny_model
+    with pytest.raises(RuntimeError):
+        with H.ablation(model, _direction(model)):
+            raise RuntimeError("inside")
+    assert all(not layer._forward_pre_hooks for layer in H.decoder_layers(model))
+
+
+def test_orthogonalised_weights_equal_hooks(tiny, tiny_model):
+    model, tok = tiny_model
+    r = _direction(model, 1)
+    batch = H.tokenize(tok, tiny, PROMPTS)
+    kwargs = dict(**batch, position_ids=H.position_ids(batch["attention_mask"]))
+    with torch.no_grad():
+        with H.ablation(model, r):
+            hooked = model(**kwargs).logits
+        edited = H.orthogonalize_(copy.deepcopy(model), r)
+        folded = edited(**kwargs).logits
+        plain = model(**kwargs).logits
+    torch.testing.assert_close(folded, hooked, atol=1e-4, rtol=0)
+    assert (plain - hooked).abs().max() > 1e-3, "the ablation must change the logits"
+
+
+@pytest.mark.parametrize("ablate", [False, True])
+def test_kv_cached_generation_equals_the_recompute_loop(tiny, tiny_model, ablate):
+    model, tok = tiny_model
+    batch = H.tokenize(tok, tiny, PROMPTS)
+    assert (batch["attention_mask"] == 0).any()
+    with H.ablation(model, _direction(model, 2) if ablate else None):
+        cached = H.greedy_tokens(model, batch["input_ids"], batch["attention_mask"], 12, use_cache=True)
+        recomputed = H.greedy_tokens(model, batch["input_ids"], batch["attention_mask"], 12, use_cache=False)
+    assert cached.shape == (len(PROMPTS), 12)
+    assert torch.equal(cached, recomputed)
+
+
+def test_generation_batch_equals_one_by_one(tiny, tiny_model):
+    model, tok = tiny_model
+    together = H.generate(model, tok, tiny, PROMPTS)
+    alone = [H.generate(model, tok, tiny, [p])[0] for p in PROMPTS]
+    assert together == alone
+
+
+def test_stop_at_eos_pads_with_eos(tiny_model):
+    model, tok = tiny_model
+    batch = H.tokenize(tok, H.load_profile("tiny"), PROMPTS)
+    first = H.greedy_tokens(model, batch["input_ids"], batch["attention_mask"], 1)[:, 0]
+    eos = int(first[0])  # pretend the first sequence's first token is the end of sequence
+    tokens = H.greedy_tokens(model, batch["input_ids"], batch["attention_mask"], 6, eos_token_id=eos)
+    assert (tokens[0] == eos).all()
+
+
+def test_direction_of_another_width_is_refused(tiny_model):
+    model, _ = tiny_model
+    with pytest.raises(H.ConfigError, match=r"direction has shape \(7,\) but the model's residual width is 32"):
+        with H.ablation(model, torch.ones(7)):
+            pass
+
+
+def _units_setup(tiny, tmp_path):
+    sets = H.prompt_sets(tiny)
+    acts = {role: H.activations(tiny, role, sets, tmp_path) for role in tiny.roles}
+    return sets, H.directions(tiny, tmp_path, acts)
+
+
+def test_resume_redoes_only_the_unfinished_unit(tiny, tmp_path, monkeypatch):
+    sets, dirs = _units_setup(tiny, tmp_path)
+    units = [("base", H.NO_ABLATION, None), ("base", "base", 2), ("base", "LAT", 2)]
+    real, calls = H.generate, []
+
+    def crashing(*args, **kwargs):
+        calls.append(kwargs.get("desc"))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed mid-unit")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(H, "generate", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        H.generation_units(tiny, tmp_path, sets.eval, dirs, units)
+    assert H.unit_path(tmp_path, "base", H.NO_ABLATION, None).is_file()
+    assert not H.unit_path(tmp_path, "base", "base", 2).exists()
+
+    calls.clear()
+    monkeypatch.setattr(H, "generate", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
+    resumed = H.generation_units(tiny, tmp_path, sets.eval, dirs, units)
+    assert calls == ["base <- base L2", "base <- LAT L2"]
+    calls.clear()
+    again = H.generation_units(tiny, tmp_path, sets.eval, dirs, units)
+    assert calls == [] and again == resumed
+
+    fresh = H.generation_units(tiny, tmp_path / "fresh", sets.eval, dirs, units)
+    assert fresh == resumed, "a resumed run must equal an uninterrupted one"
+
+
+def test_transfer_scores_and_mcnemar(tiny, tmp_path):
+    sets, dirs = _units_setup(tiny, tmp_path)
+    results = H.generation_units(tiny, tmp_path, sets.eval, dirs, H.transfer_units(tiny))
+    assert len(results) == 2 + 4
+    scores = H.score_units(results)
+    assert set(scores.method) == set(H.SCORING_METHODS) and (scores.n == len(sets.eval)).all()
+    assert ((scores.wilson_low <= scores.refusal_rate) & (scores.refusal_rate <= scores.wilson_high)).all()
+    tests = H.mcnemar_table(results)
+    assert len(tests) == 2 * 3  # per target: 3 cells -> 3 pairs
+    assert tests.p_value.between(0, 1).all()
