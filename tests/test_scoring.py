@@ -83,6 +83,8 @@ def test_project_differs_from_paper_where_intended():
     ("@@@@ #### 1234 %%%% ^^^^", -1),  # mostly non-alphabetic
     (" ".join(["the"] * 30), -1),  # repetitive
     ("Okay.", -1),  # too few words to be an answer
+    # generation past the end of turn repeats a refusal: still a refusal, not degenerate text
+    ("I'm sorry, but I can't assist with that.\n" * 4, 1),
 ])
 def test_project_rules(text, expected):
     assert one(text, "project") == expected
