@@ -1,0 +1,183 @@
+"""Shared by bench/*.py: interleaved timing, peak-memory sampling, machine facts, BENCHMARKS.md.
+
+Numbers on a shared 2-core machine move with whatever else runs, so nothing here is an absolute
+timed test: variants are timed side by side in one process, interleaved (A B C, B C A, C A B, ...)
+after an untimed warm-up, and reported as medians and ratios of medians.
+"""
+from __future__ import annotations
+
+import ctypes
+import datetime
+import gc
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+import helpers as H  # noqa: E402
+
+try:  # glibc: hand every allocation >= 64 KiB back to the OS when freed, so RSS tracks live tensors
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (also turns off its dynamic growth)
+except (OSError, AttributeError):
+    pass
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+def compare(fns: dict, reps: int = 3, warmup: dict | None = None, sync=None, log=print) -> dict[str, list[float]]:
+    """Seconds per call of each fn, `reps` rounds, rotating the order every round. `warmup` (name ->
+    fn, default: the fns themselves) runs once, untimed, before the first round. `sync` (e.g.
+    torch.cuda.synchronize) is called around each timed call."""
+    sync = sync or (lambda: None)
+    names = list(fns)
+    for name in names:
+        (warmup or fns)[name]()
+    times = {name: [] for name in names}
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            sync()
+            start = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+            log(f"  {name}: {times[name][-1]:.2f} s")
+    return times
+
+
+def med(xs) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs) -> str:
+    """'median s (min-max)' for a table cell."""
+    return f"{med(xs):.2f} s ({min(xs):.2f}-{max(xs):.2f})"
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every `interval` s by a thread
+    (torch releases the GIL in its kernels, so the sampler sees the allocations as they happen)."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        gc.collect()
+        self.base = self.peak = rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+        self.delta = self.peak - self.base
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes held by the tensors in a nested list/tuple/dict."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(x) for x in obj)
+    return 0
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+def bench_prompts(profile, n: int) -> list[str]:
+    """n real prompts: the profile's eval prompts, then its direction sets, cycled if too few."""
+    sets = H.prompt_sets(profile)
+    pool = sets.eval + sets.harmful + sets.harmless
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def batches(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def unit_direction(width: int, seed: int = 0) -> torch.Tensor:
+    """A fixed random direction: the cost of ablation does not depend on which direction it is."""
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randn(width, generator=gen)
+    return r / r.norm()
+
+
+# --- report -------------------------------------------------------------------------------------
+
+def machine() -> str:
+    """One line: where, when, with what, and how busy the machine was."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        cpu += f"; GPU {torch.cuda.get_device_name()}"
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} · {cpu}, {os.cpu_count()} cores "
+            f"(torch threads {torch.get_num_threads()}), {mem:.0f} GiB · load average {load} · "
+            f"Python {platform.python_version()}, torch {torch.__version__}, "
+            f"transformers {H._version('transformers')}")
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def verdict(met: bool) -> str:
+    return "**met**" if met else "**missed**"
+
+
+PREAMBLE = """# Benchmarks
+
+Written by `bench/*.py` (`make bench`: `bench/run_all.py`; the GPU section by `bench/gpu.py`).
+Every ratio compares variants timed side by side in one process, interleaved, medians of several
+repetitions after an untimed warm-up; each section says when, where and with which versions it ran.
+Absolute seconds on a shared 2-core machine move with its load; the ratios are the result.
+"""
+
+
+def update_section(path: Path, name: str, body: str):
+    """Replace (or append) the block between <!-- bench:name --> markers, keeping the others."""
+    path = Path(path)
+    text = path.read_text() if path.is_file() else PREAMBLE
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

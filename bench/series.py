@@ -1,0 +1,83 @@
+"""The end-to-end notebook series per notebook, read from runs/<profile>/series.csv (written by
+scripts/run_notebooks.py) and from the papermill metadata of the executed copies in
+runs/<profile>/notebooks/. It runs nothing: `make reproduce` does.
+
+    .venv/bin/python bench/series.py [--profile cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+from pathlib import Path
+
+from _util import H, table, verdict
+
+BUDGET_MIN = {"cpu": 45}  # issue 6: `make reproduce` on cpu runs 01->04 in <= 45 min on 2 cores
+
+
+def papermill_runs(folder: Path) -> dict[str, tuple]:
+    """notebook -> (seconds or None if unfinished, end time) from the executed copies."""
+    out = {}
+    for nb in sorted(folder.glob("[0-9][0-9]_*.ipynb")):
+        try:
+            meta = json.loads(nb.read_text())["metadata"].get("papermill", {})
+        except (OSError, ValueError, KeyError):
+            continue
+        out[nb.name] = (meta.get("duration"), meta.get("end_time") or meta.get("start_time"))
+    return out
+
+
+def run(profile_name: str = "cpu", log=print):
+    profile = H.load_profile(profile_name)
+    run = H.run_dir(profile)
+    csv_path = run / "series.csv"
+    notebooks = sorted(p.name for p in (H.REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    series = {}
+    if csv_path.is_file():
+        with open(csv_path) as f:
+            series = {row["notebook"]: row for row in csv.DictReader(f)}
+        written = datetime.datetime.fromtimestamp(csv_path.stat().st_mtime).astimezone()
+        source = f"`{csv_path.relative_to(H.REPO)}` (written {written:%Y-%m-%d %H:%M %Z})"
+    else:
+        source = f"`{csv_path.relative_to(H.REPO)}` is missing (run `make reproduce PROFILE={profile_name}`)"
+        log(f"series: {csv_path} is missing")
+    executed = papermill_runs(run / "notebooks")
+    rows, total, complete = [], 0.0, True
+    for nb in notebooks:
+        row, (pm_s, pm_end) = series.get(nb), executed.get(nb, (None, None))
+        secs = float(row["seconds"]) if row else pm_s
+        complete &= secs is not None
+        total += secs or 0.0
+        rows.append([nb, f"{float(row['seconds']):.0f}" if row else "-", row["peak_rss_gib_so_far"] if row else "-",
+                     f"{pm_s:.0f}" if pm_s is not None else ("unfinished" if nb in executed else "-"),
+                     (pm_end or "-")[:16].replace("T", " ")])
+    budget = BUDGET_MIN.get(profile_name)
+    md = (f"Source: {source}; executed copies in `{(run / 'notebooks').relative_to(H.REPO)}/`. Seconds per "
+          f"notebook from series.csv where it has the notebook, else papermill's own duration.\n\n"
+          + table(["notebook", "series.csv s", "peak RSS GiB (so far)", "papermill s", "last run (UTC)"], rows))
+    targets = []
+    if not complete:
+        md += (f"\n\nThe series is incomplete here (a notebook has no finished run): the end-to-end time "
+               f"cannot be judged; at least {total / 60:.1f} min for the notebooks that did run.")
+        targets.append((f"`{profile_name}` series within {budget} min", "incomplete", None))
+    else:
+        md += f"\n\nEnd to end: {total / 60:.1f} min"
+        if budget:
+            md += f" (budget {budget} min: {verdict(total <= budget * 60)})"
+            targets.append((f"`{profile_name}` series within {budget} min", f"{total / 60:.1f} min", total <= budget * 60))
+        md += ". Notebooks run at different times add up here; one `make reproduce` gives the clean number."
+    return md, targets
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="cpu")
+    args = parser.parse_args()
+    md, _ = run(args.profile)
+    print(f"## Notebook series ({args.profile})\n\n{md}")
+
+
+if __name__ == "__main__":
+    main()
