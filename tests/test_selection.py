@@ -19,21 +19,21 @@ def test_kl_of_a_zero_direction_is_zero(tiny_model, logprobs):
     with H.ablation(model, torch.zeros(model.config.hidden_size)):
         ablated = logprobs()
     assert H.kl_divergence(base, ablated).max() == 0
-    with H.ablation(model, torch.randn(model.config.hidden_size)):
+    with H.ablation(model, torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))):
         changed = logprobs()
     assert H.kl_divergence(base, changed).min() > 0
 
 
 def test_adding_then_ablating_equals_ablating_alone(tiny_model, logprobs):
     model, _ = tiny_model
-    r = torch.randn(model.config.hidden_size)
+    r = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with H.ablation(model, r):
         ablated = logprobs()
     with H.activation_addition(model, 5 * r / r.norm(), layer=2), H.ablation(model, r):
         added_then_ablated = logprobs()
     with H.activation_addition(model, 5 * r / r.norm(), layer=2):
         added = logprobs()
-    torch.testing.assert_close(added_then_ablated, ablated, atol=1e-6, rtol=0)
+    torch.testing.assert_close(added_then_ablated, ablated, atol=1e-5, rtol=0)  # float32 rounding
     assert (added - ablated).abs().max() > 1e-3
     assert all(not layer._forward_pre_hooks for layer in H.decoder_layers(model))
 
