@@ -77,6 +77,7 @@ class Profile:
     n_val: int = 32                # validation prompts per class for automatic direction selection
     refusal_tokens: list = field(default_factory=lambda: ["I"])  # first tokens of a refusal (logit score)
     n_harmless_check: int = 100    # harmless prompts generated with and without ablation
+    device: str = "auto"           # auto (CUDA when present) | cpu | cuda
 
     @property
     def roles(self) -> list[str]:
@@ -133,6 +134,8 @@ def load_profile(name: str = "cpu", overrides: dict | None = None) -> Profile:
     values["models"] = models
     if values["dtype"] not in _DTYPES:
         raise ConfigError(f"profile '{name}': dtype {values['dtype']!r} not in {list(_DTYPES)}")
+    if values.get("device", "auto") not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"profile '{name}': device {values['device']!r} not in ['auto', 'cpu', 'cuda']")
     if values["quantization"] not in ("none", "nf4"):
         raise ConfigError(f"profile '{name}': quantization {values['quantization']!r} not in ['none', 'nf4']")
     if values["template"] != "chat" and "{prompt}" not in values["template"]:
@@ -154,7 +157,12 @@ def start(profile: str = "cpu", overrides: dict | None = None, run: str | Path |
 def run_dir(profile: Profile, base: str | Path | None = None) -> Path:
     """Where a profile's artifacts live: runs/<profile>/ unless the notebook names another folder."""
     path = Path(base) if base else REPO / "runs" / profile.name
-    path.mkdir(parents=True, exist_ok=True)
+    try:  # fail now, with what to do, rather than after an hour of generation
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as err:
+        raise ConfigError(f"run directory {path} is not writable ({err.strerror}); "
+                          f"pass run_dir='<a folder you can write>'") from None
     return path
 
 
@@ -320,8 +328,11 @@ def truncate(text: str, n: int = 40) -> str:
 # 3. Models. paper: hub + PEFT adapter merged, NF4 on CUDA. cpu: PyPI GGUF parts converted once
 #    to safetensors. tiny: a random Llama and a byte-level tokenizer built in-process.
 
-def torch_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def use_cuda(profile: Profile) -> bool:
+    if profile.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"profile '{profile.name}' asks for device cuda but torch sees no CUDA GPU; "
+                          f"pass overrides={{'device': 'auto'}} or install a CUDA build of torch")
+    return profile.device != "cpu" and torch.cuda.is_available()
 
 
 def prepare_tokenizer(tokenizer):
@@ -448,15 +459,16 @@ def load_model(profile: Profile, role: str):
     dtype = _DTYPES[profile.dtype]
     tokenizer = load_tokenizer(profile, role)
     kwargs = {"dtype": dtype}
+    cuda = use_cuda(profile)
     if profile.quantization == "nf4":
-        if not torch.cuda.is_available():
+        if not cuda:
             raise ConfigError(f"profile '{profile.name}' asks for NF4 4-bit, which needs CUDA and bitsandbytes; "
                               f"on this machine pass overrides={{'quantization': 'none', 'dtype': 'bfloat16'}}")
         from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float16)
-    if torch.cuda.is_available():
+    if cuda:
         kwargs["device_map"] = "auto"  # spreads a model larger than one GPU over several
     if spec.source == "tiny":
         model = tiny_model(spec.config, len(tokenizer)).to(dtype)
@@ -466,7 +478,7 @@ def load_model(profile: Profile, role: str):
         model = AutoModelForCausalLM.from_pretrained(spec.id, revision=spec.revision, **kwargs)
     if spec.adapter:
         model = merge_adapter(model, spec.adapter, spec.adapter_revision)
-    if not torch.cuda.is_available():
+    if not cuda:
         model = model.to("cpu")
     model.eval().requires_grad_(False)
     return model, tokenizer
@@ -477,9 +489,12 @@ def merge_adapter(model, adapter: str, revision: str = "main"):
     from peft import PeftModel
     try:
         peft_model = PeftModel.from_pretrained(model, adapter, revision=revision)
-    except (RuntimeError, ValueError) as err:
-        raise ConfigError(f"adapter {adapter!r} does not fit this base model "
-                          f"({str(err).splitlines()[0][:160]}); check the profile's adapter/base pair") from err
+    except (OSError, RuntimeError, ValueError) as err:
+        if isinstance(err, OSError) or "adapter_config.json" in str(err):  # also the hub's not-found errors
+            raise ConfigError(f"adapter {adapter!r} not found as a folder or hub id ({type(err).__name__}); "
+                              f"check the profile's adapter path") from None
+        raise ConfigError(f"adapter {adapter!r} does not fit this base model ({str(err).splitlines()[0][:160]}); "
+                          f"check the profile's adapter/base pair") from None  # shape mismatch: another base
     return peft_model.merge_and_unload()
 
 
@@ -509,18 +524,28 @@ def format_prompt(tokenizer, profile: Profile, instruction: str) -> str:
     return profile.template.format(prompt=instruction)
 
 
-def tokenize(tokenizer, profile: Profile, instructions: list[str], device="cpu"):
+def tokenize(tokenizer, profile: Profile, instructions: list[str], device="cpu", max_length: int | None = None):
     """Left-padded batch. A literal template gets the tokenizer's BOS (as TransformerLens adds it);
     a chat template already contains whatever special tokens the model expects."""
     if not instructions:
         raise ConfigError("empty prompt list: nothing to run; check the dataset sizes in the profile")
     texts = [format_prompt(tokenizer, profile, p) for p in instructions]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=profile.template != "chat")
-    limit = getattr(tokenizer, "model_max_length", None) or 10**9
-    if batch["input_ids"].shape[1] > min(limit, 10**9):
-        raise ConfigError(f"a prompt has {batch['input_ids'].shape[1]} tokens, more than the model's {limit}; "
-                          f"shorten or drop it")
+    if max_length is not None and batch["attention_mask"].sum(1).max() > max_length:
+        longest = int(batch["attention_mask"].sum(1).argmax())
+        raise ConfigError(f"prompt {instructions[longest][:30]!r}… has {int(batch['attention_mask'][longest].sum())} "
+                          f"tokens, more than the {max_length} the model's context allows here; shorten or drop it")
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def require_prompts(instructions: list[str], what: str = ""):
+    if not instructions:
+        raise ConfigError(f"empty prompt list{' for ' + what if what else ''}: nothing to run; "
+                          f"check the dataset sizes (n_direction, n_eval, n_sweep, n_val) in the profile")
+
+
+def context_length(model) -> int:
+    return getattr(model.config, "max_position_embeddings", None) or 10**9
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -563,11 +588,13 @@ def capture_block_inputs(model, position: int):
 def block_inputs(model, tokenizer, profile: Profile, instructions: list[str], desc: str = "") -> torch.Tensor:
     """[n, n_layers, d] float32 residual stream at the read position for every block input."""
     from tqdm import tqdm
+    require_prompts(instructions, desc)
     device = next(model.parameters()).device
     trunk = model.get_decoder() if hasattr(model, "get_decoder") else model  # the lm_head is not needed
     chunks = []
     for start in tqdm(range(0, len(instructions), profile.batch_size), desc=desc or "activations", leave=False):
-        batch = tokenize(tokenizer, profile, instructions[start:start + profile.batch_size], device)
+        batch = tokenize(tokenizer, profile, instructions[start:start + profile.batch_size], device,
+                         max_length=context_length(model))
         with capture_block_inputs(model, profile.read_position) as captured:
             trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   position_ids=position_ids(batch["attention_mask"]), use_cache=False)
@@ -973,11 +1000,13 @@ def generate(model, tokenizer, profile: Profile, instructions: list[str], direct
              stop_at_eos: bool = False, desc: str = "") -> list[str]:
     """Greedy completions of `instructions`, with `direction` ablated everywhere when given."""
     from tqdm import tqdm
+    require_prompts(instructions, desc)
     device = next(model.parameters()).device
     completions = []
     with ablation(model, direction):
         for start in tqdm(range(0, len(instructions), profile.batch_size), desc=desc or "generate", leave=False):
-            batch = tokenize(tokenizer, profile, instructions[start:start + profile.batch_size], device)
+            batch = tokenize(tokenizer, profile, instructions[start:start + profile.batch_size], device,
+                             max_length=context_length(model) - profile.max_new_tokens)
             tokens = greedy_tokens(model, batch["input_ids"], batch["attention_mask"], profile.max_new_tokens,
                                    eos_token_id=tokenizer.eos_token_id if stop_at_eos else None)
             completions += tokenizer.batch_decode(tokens, skip_special_tokens=True)
@@ -1026,6 +1055,12 @@ def generation_units(profile: Profile, run: Path, prompts: list[str], dirs_by_ro
     Finished units are read back; the rest are generated target by target (one model in memory)."""
     results, todo = {}, {}
     for target, source, layer in units:
+        model_role_spec(profile, target)
+        if source != NO_ABLATION:
+            model_role_spec(profile, source)
+            n_layers = dirs_by_role[source].shape[0]
+            if not 0 <= layer < n_layers:
+                raise ConfigError(f"model '{source}': layer {layer} out of range; it has block inputs 0..{n_layers - 1}")
         direction = None if source == NO_ABLATION else dirs_by_role[source][layer]
         key = unit_key(profile, target, source, layer, direction, prompts, stop_at_eos)
         path = unit_path(run, target, source, layer, kind)

@@ -20,15 +20,17 @@ def main() -> int:
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 01 02")
     parser.add_argument("--notebooks", default=str(REPO / "notebooks"), help="folder of NN_*.ipynb")
+    parser.add_argument("--run-dir", default=None, help="artifacts folder (default runs/<profile>/)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     import helpers as H
     try:
         profile = H.load_profile(args.profile)  # fail early on an unknown profile
+        run = H.run_dir(profile, args.run_dir)
     except H.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out_dir = H.run_dir(profile) / "notebooks"
+    out_dir = run / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     notebooks = sorted(Path(args.notebooks).glob("[0-9][0-9]_*.ipynb"))
     if args.only:
@@ -38,7 +40,7 @@ def main() -> int:
         started = time.time()
         print(f"== {nb.name} on profile '{profile.name}'", flush=True)
         try:
-            pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters={"profile": profile.name},
+            pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters={"profile": profile.name, "run_dir": str(run)},
                                 cwd=str(nb.parent), kernel_name="python3", progress_bar=False)
         except pm.PapermillExecutionError as err:
             print(f"FAILED: {nb.name}, cell {err.cell_index} (execution count {err.exec_count}): "
@@ -48,7 +50,7 @@ def main() -> int:
         rows.append({"notebook": nb.name, "seconds": round(time.time() - started, 1),
                      "peak_rss_gib_so_far": round(peak_gib, 2)})
         print(f"   done in {rows[-1]['seconds']} s (peak RSS so far {peak_gib:.2f} GiB)", flush=True)
-    with open(H.run_dir(profile) / "series.csv", "w", newline="") as f:
+    with open(run / "series.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["notebook", "seconds", "peak_rss_gib_so_far"])
         writer.writeheader()
         writer.writerows(rows)
