@@ -1432,8 +1432,9 @@ def cached_table(path: Path, key: dict, compute) -> "pd.DataFrame":
 
 
 def selection_table(profile: Profile, run: Path, role: str, acts: dict, val: dict) -> "pd.DataFrame":
-    """selection_scores for every block input of one model, cached in runs/<profile>/selection/."""
-    layers = list(range(1, acts["harmful"].shape[1]))  # block input 0 is the embedding of one token
+    """selection_scores over the sweep layers of one model (the same candidates the paper's rule sees,
+    so the two rules are compared like for like), cached in runs/<profile>/selection/."""
+    layers = profile.sweep_layers or list(range(1, acts["harmful"].shape[1]))  # input 0: one token's embedding
     key = {"stage": "selection-v1", "activations": activation_metadata(run, role)["hash"],
            "val": stable_hash(val["harmful_val"] + val["harmless_val"]), "tokens": profile.refusal_tokens,
            "layers": layers}
