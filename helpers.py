@@ -477,7 +477,8 @@ def load_model(profile: Profile, role: str):
     else:
         model = AutoModelForCausalLM.from_pretrained(spec.id, revision=spec.revision, **kwargs)
     if spec.adapter:
-        model = merge_adapter(model, spec.adapter, spec.adapter_revision)
+        local = REPO / spec.adapter  # adapters trained here live in adapters/<profile>/<arm>
+        model = merge_adapter(model, str(local) if local.is_dir() else spec.adapter, spec.adapter_revision)
     if not cuda:
         model = model.to("cpu")
     model.eval().requires_grad_(False)

@@ -15,12 +15,20 @@ import papermill as pm
 REPO = Path(__file__).resolve().parents[1]
 
 
+def missing_adapters(H, profile) -> list[str]:
+    """Adapter folders inside this repository that the profile's models name but that are not there yet."""
+    named = [spec.adapter for spec in profile.models.values() if spec.adapter and spec.adapter.startswith("adapters/")]
+    return [a for a in named if not (REPO / a / "adapter_config.json").is_file()]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 01 02")
     parser.add_argument("--notebooks", default=str(REPO / "notebooks"), help="folder of NN_*.ipynb")
     parser.add_argument("--run-dir", default=None, help="artifacts folder (default runs/<profile>/)")
+    parser.add_argument("--train", action="store_true", help="also run 00_train_adapters (otherwise only when "
+                        "the profile's models name adapter folders that do not exist yet)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     import helpers as H
@@ -37,6 +45,9 @@ def main() -> int:
         notebooks = [nb for nb in notebooks if nb.name[:2] in args.only]
     rows = []
     for nb in notebooks:
+        if nb.name.startswith("00_") and not (args.train or missing_adapters(H, profile)):
+            print(f"== {nb.name}: skipped (the profile's adapters exist or it uses none; --train runs it)")
+            continue
         started = time.time()
         print(f"== {nb.name} on profile '{profile.name}'", flush=True)
         try:
