@@ -60,7 +60,7 @@ class Recipe:
     n_hh: int                     # hh_chosen: first n "chosen" conversations after shuffle(seed=42)
     response_tokens: int          # refusal_mix: greedy tokens generated per target answer
     max_seq_len: int              # longer examples are cut (prompt first, so the response is cut)
-    epsilon: float                # L2 radius of delta per example, absolute units of the residual stream
+    epsilon: float                # L2 radius of delta per example, in `epsilon_unit`
     attack_steps: int
     lat_layer: int                # block whose input LAT perturbs (AT always uses block 0)
     lora_r: int
@@ -76,6 +76,10 @@ class Recipe:
     seed: int
     adapters: str                 # output folder, relative to the repo; one sub-folder per arm
     refusal: str = "I'm sorry, but I can't help with that."  # target when the base model did not refuse
+    # "absolute": epsilon in units of the residual stream, the same for AT and LAT (the paper).
+    # "token_norm": epsilon x (median token norm at the perturbed block) x sqrt(median length), i.e.
+    # each attacked arm gets the radius that is this fraction of its layer's typical per-token norm.
+    epsilon_unit: str = "absolute"
 
 
 RECIPES = {
@@ -86,17 +90,22 @@ RECIPES = {
                     lora_dropout=0.1, target_modules=("q_proj", "v_proj"), lr=5e-6, weight_decay=6e-4,
                     max_grad_norm=0.25, warmup_ratio=0.03, epochs=1, batch_size=2, seed=42,
                     adapters="adapters/paper"),
-    # 2 CPU cores, offline. Same optimiser settings as the paper except the learning rate: the
-    # paper's lr x steps (5e-6 x 5000 = 0.025) is kept for our ~100 steps. LAT's block keeps the
-    # paper's proportion: block 4 of 32 -> block 3 of 24. eps: see adapters/cpu/INTEGRATION.md.
-    "cpu": Recipe(data="refusal_mix", n_harmful=96, n_harmless=96, n_hh=0, response_tokens=48,
-                  max_seq_len=160, epsilon=4.0, attack_steps=6, lat_layer=3, lora_r=8, lora_alpha=8,
-                  lora_dropout=0.1, target_modules=("q_proj", "v_proj"), lr=2.5e-4, weight_decay=6e-4,
-                  max_grad_norm=0.25, warmup_ratio=0.03, epochs=1, batch_size=2, seed=0,
+    # 2 CPU cores, offline; 64 examples, 32 steps of 2 per arm. Casper's optimiser settings; the
+    # learning rate keeps the paper's lr x steps (5e-6 x 5000 = 0.025): 0.025 / 32 ~ 7.5e-4. LoRA
+    # r 8 with alpha = r (the paper: 64 / 64). LAT's block keeps the paper's proportion: block 4 of 32
+    # -> block 3 of 24. eps: 5 % of the perturbed layer's typical per-token norm, for each attacked arm
+    # (about 0.19 at the embeddings, 4.4 at block 3). One absolute eps for both, as the paper, does not
+    # transfer: the block-3 residual stream is ~22x the embeddings' norm, so an eps that moves block 3
+    # (4: loss x1.8) wipes out the embeddings (loss 0.8 -> 10.9, near-uniform over the vocabulary) and
+    # one that suits the embeddings leaves block 3 untouched (adapters/cpu/INTEGRATION.md).
+    "cpu": Recipe(data="refusal_mix", n_harmful=32, n_harmless=32, n_hh=0, response_tokens=48,
+                  max_seq_len=160, epsilon=0.05, epsilon_unit="token_norm", attack_steps=6, lat_layer=3,
+                  lora_r=8, lora_alpha=8, lora_dropout=0.1, target_modules=("q_proj", "v_proj"), lr=7.5e-4,
+                  weight_decay=6e-4, max_grad_norm=0.25, warmup_ratio=0.03, epochs=1, batch_size=2, seed=0,
                   adapters="adapters/cpu"),
     # Tests and the papermill smoke run: seconds; every number is meaningless.
     "tiny": Recipe(data="refusal_mix", n_harmful=6, n_harmless=6, n_hh=0, response_tokens=6,
-                   max_seq_len=96, epsilon=0.5, attack_steps=3, lat_layer=2, lora_r=4, lora_alpha=8,
+                   max_seq_len=256, epsilon=0.5, attack_steps=3, lat_layer=2, lora_r=4, lora_alpha=8,
                    lora_dropout=0.0, target_modules=("q_proj", "v_proj"), lr=1e-2, weight_decay=0.0,
                    max_grad_norm=1.0, warmup_ratio=0.0, epochs=1, batch_size=4, seed=0,
                    adapters="runs/tiny/adapters"),
@@ -117,6 +126,8 @@ def recipe(profile: H.Profile, overrides: dict | None = None) -> Recipe:
     values = {**base, **changes}
     values["target_modules"] = tuple(values["target_modules"])
     out = Recipe(**values)
+    if out.epsilon_unit not in ("absolute", "token_norm"):
+        raise H.ConfigError(f"training recipe: epsilon_unit {out.epsilon_unit!r} not in ['absolute', 'token_norm']")
     if out.data not in ("refusal_mix", "hh_chosen"):
         raise H.ConfigError(f"training recipe: data {out.data!r} not in ['refusal_mix', 'hh_chosen']")
     if out.epsilon < 0 or out.attack_steps < 1 or out.batch_size < 1 or out.epochs < 1:
@@ -136,16 +147,19 @@ def perturb_layer(rec: Recipe, arm: str) -> int | None:
 #    the trained segments only (the responses).
 #
 #    refusal_mix (cpu, tiny), built offline and cached under runs/<profile>/training/:
-#    - harmful prompts: refusal_direction's harmful_train + harmful_val, minus every prompt this
-#      project analyses or evaluates (all 520 AdvBench goals and the 100 GPT-4o questions, compared
-#      after lower-casing and collapsing whitespace), de-duplicated, then a seeded sample;
+#    - harmful prompts: refusal_direction's harmful_train minus every prompt this project analyses,
+#      evaluates or selects with (all 520 AdvBench goals, the 100 GPT-4o questions and all of
+#      refusal_direction's harmful_val, which H.validation_sets uses; compared after lower-casing and
+#      collapsing whitespace; near copies with word-set Jaccard >= 0.8, such as the same request with
+#      one extra adjective, go too), de-duplicated, then a seeded sample;
 #    - harmless prompts: refusal_direction's harmless_train minus the direction set's harmless side
-#      (the paper's Alpaca harmless_train[:100]) and the paper's Alpaca harmless_test, seeded sample;
-#    - targets: the base model's own greedy answer (H.generate, stop at end of turn, response_tokens
-#      tokens). For a harmful prompt the answer is kept only when H.classify(..., "project") calls it
-#      a refusal; otherwise the target is the fixed sentence Recipe.refusal. An answer cut by the
-#      token limit is trimmed back to its last full sentence (or line) so that the end-of-turn token
-#      that follows it in the chat template is not taught mid-sentence.
+#      (the paper's Alpaca harmless_train[:100]), the paper's Alpaca harmless_test (notebook 04's
+#      harmless checks) and refusal_direction's harmless_val, then a seeded sample;
+#    - targets: the base model's own greedy answer (H.generate, stop at end of turn, at most
+#      response_tokens tokens). For a harmful prompt the answer is kept only when
+#      H.classify(..., "project") calls it a refusal; otherwise the target is the fixed sentence
+#      Recipe.refusal. An answer cut by the token limit is trimmed back to its last full sentence so
+#      that the end-of-turn token that follows it in the chat template is not taught mid-sentence.
 #    hh_chosen (paper): Anthropic/hh-rlhf "chosen", shuffle(seed=42), first n_hh, in Casper's Llama-2
 #    format, "\n" removed from the turns (PAPER.md §2); the assistant turns are trained.
 
@@ -154,10 +168,16 @@ def _norm_text(text: str) -> str:
 
 
 def excluded_prompts() -> dict[str, set]:
-    """Normalised prompts that training must not see: everything the analyses and evaluation use."""
-    s = H.paper_splits()
-    return {"harmful": {_norm_text(p) for p in s["harmful_train"] + s["harmful_test"] + s["gpt4o"]},
-            "harmless": {_norm_text(p) for p in s["harmless_train"][:100] + s["harmless_test"]}}
+    """Normalised prompts that training must not see: every prompt H.prompt_sets and
+    H.validation_sets can draw, at any profile size (n_direction <= 100, n_eval <= 520)."""
+    s, rd = H.paper_splits(), H.refusal_direction_splits()
+    return {"harmful": {_norm_text(p) for p in s["harmful_train"] + s["harmful_test"] + s["gpt4o"] + rd["harmful_val"]},
+            "harmless": {_norm_text(p) for p in s["harmless_train"][:100] + s["harmless_test"] + rd["harmless_val"]}}
+
+
+def _near_copy(text: str, others: list[set], threshold: float = 0.8) -> bool:
+    words = set(re.findall(r"\w+", text))
+    return any(len(words & o) / max(1, len(words | o)) >= threshold for o in others)
 
 
 def training_prompts(rec: Recipe) -> dict[str, list[str]]:
@@ -166,11 +186,12 @@ def training_prompts(rec: Recipe) -> dict[str, list[str]]:
     excluded = excluded_prompts()
     generator = torch.Generator().manual_seed(rec.seed)
     out = {}
-    for kind, pool, n in (("harmful", rd["harmful_train"] + rd["harmful_val"], rec.n_harmful),
+    for kind, pool, n in (("harmful", rd["harmful_train"], rec.n_harmful),
                           ("harmless", rd["harmless_train"], rec.n_harmless)):
         seen, kept = set(excluded[kind]), []
+        word_sets = [set(re.findall(r"\w+", p)) for p in excluded[kind]] if kind == "harmful" else []
         for prompt in pool:
-            if _norm_text(prompt) not in seen:
+            if _norm_text(prompt) not in seen and not _near_copy(_norm_text(prompt), word_sets):
                 seen.add(_norm_text(prompt))
                 kept.append(prompt)
         if n > len(kept):
@@ -182,38 +203,54 @@ def training_prompts(rec: Recipe) -> dict[str, list[str]]:
 
 
 def trim_to_sentence(text: str) -> str:
-    """Cut a truncated answer back to its last complete sentence or line (unchanged if none)."""
-    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)|\n", text)]
+    """Cut an answer that hit the token limit back to its last complete sentence (a period after a
+    digit, as in a list's "1.", does not count); unchanged when that would drop two thirds of it."""
+    ends = [m.end() for m in re.finditer(r"(?<!\d)[.!?](?=\s|$)", text)]
     return text[:ends[-1]].rstrip() if ends and ends[-1] > len(text) // 3 else text.rstrip()
 
 
-def refusal_mix(profile: H.Profile, rec: Recipe, model, tokenizer) -> list[dict]:
-    """Rows {kind, prompt, response, target_source, base_label}; the generation step (minutes on cpu)
-    runs once and is cached under runs/<profile>/training/ by the hash of everything it depends on."""
-    prompts = training_prompts(rec)
-    gen_profile = dataclasses.replace(profile, max_new_tokens=rec.response_tokens)
+def base_answers(profile: H.Profile, rec: Recipe, model, tokenizer, prompts: list[str],
+                 run: Path | None = None) -> dict[str, dict]:
+    """{prompt: {"answer", "cut"}}: the base model's greedy answers (minutes on cpu), cached per prompt
+    in runs/<profile>/training/base_answers.jsonl under the hash of what determines them, so a recipe
+    with more or fewer prompts only generates the missing ones."""
     key = {"stage": TRAINING_VERSION, "model": dataclasses.asdict(H.model_role_spec(profile, "base")),
-           "dtype": profile.dtype, "template": profile.template, "response_tokens": rec.response_tokens,
-           "refusal": rec.refusal, "prompts": H.stable_hash(prompts)}
-    path = H.run_dir(profile) / "training" / "examples.jsonl"
-    meta = path.with_suffix(".json")
-    if path.is_file() and meta.is_file() and json.loads(meta.read_text()).get("hash") == H.stable_hash(key):
-        return [json.loads(line) for line in path.read_text().splitlines()]
-    started = time.time()
+           "dtype": profile.dtype, "quantization": profile.quantization, "template": profile.template,
+           "response_tokens": rec.response_tokens, "stop_at_eos": True}
+    path = Path(run or H.run_dir(profile)) / "training" / "base_answers.jsonl"
+    cached = {}
+    if path.is_file() and path.with_suffix(".json").is_file() and \
+            json.loads(path.with_suffix(".json").read_text()).get("hash") == H.stable_hash(key):
+        cached = {r["prompt"]: r for r in map(json.loads, path.read_text().splitlines())}
+    missing = [p for p in dict.fromkeys(prompts) if p not in cached]
+    if missing:
+        gen_profile = dataclasses.replace(profile, max_new_tokens=rec.response_tokens)
+        answers = H.generate(model, tokenizer, gen_profile, missing, stop_at_eos=True, desc="base answers")
+        for prompt, answer in zip(missing, answers):
+            cut = len(tokenizer(answer, add_special_tokens=False)["input_ids"]) >= rec.response_tokens
+            cached[prompt] = {"prompt": prompt, "answer": answer, "cut": cut}
+        _write_atomic(path, "".join(json.dumps(r) + "\n" for r in cached.values()))
+        _write_atomic(path.with_suffix(".json"), json.dumps({"hash": H.stable_hash(key), "key": key}, indent=1))
+    return {p: cached[p] for p in prompts}
+
+
+def refusal_mix(profile: H.Profile, rec: Recipe, model, tokenizer, run: Path | None = None) -> list[dict]:
+    """Rows {kind, prompt, response, target_source, base_label, base_answer, cut}, also written to
+    runs/<profile>/training/examples.jsonl for reading."""
+    prompts = training_prompts(rec)
+    answers = base_answers(profile, rec, model, tokenizer, prompts["harmful"] + prompts["harmless"], run)
     rows = []
     for kind in ("harmful", "harmless"):
-        answers = H.generate(model, tokenizer, gen_profile, prompts[kind], stop_at_eos=True, desc=f"targets/{kind}")
-        labels = H.classify(answers, "project")
-        for prompt, answer, label in zip(prompts[kind], answers, labels):
-            cut = len(tokenizer(answer, add_special_tokens=False)["input_ids"]) >= rec.response_tokens
-            answer = trim_to_sentence(answer) if cut else answer.strip()
+        raw = [answers[p] for p in prompts[kind]]
+        labels = H.classify([a["answer"] for a in raw], "project")
+        for prompt, a, label in zip(prompts[kind], raw, labels):
+            answer = trim_to_sentence(a["answer"]) if a["cut"] else a["answer"].strip()
             use_model = kind == "harmless" or label == 1
             rows.append({"kind": kind, "prompt": prompt, "response": answer if use_model else rec.refusal,
                          "target_source": "base_model" if use_model else "fixed_refusal", "base_label": label,
-                         "base_answer": answer})
-    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-    _write_atomic(meta, json.dumps({"hash": H.stable_hash(key), "key": key,
-                                    "seconds": round(time.time() - started, 1)}, indent=1))
+                         "base_answer": a["answer"], "cut": a["cut"]})
+    _write_atomic(Path(run or H.run_dir(profile)) / "training" / "examples.jsonl",
+                  "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
@@ -265,16 +302,20 @@ def encode(tokenizer, segments: list[tuple[str, bool]], max_len: int) -> dict:
     return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
 
 
-def training_examples(profile: H.Profile, rec: Recipe, model, tokenizer) -> tuple[list[dict], list[dict]]:
+def training_examples(profile: H.Profile, rec: Recipe, model, tokenizer,
+                      run: Path | None = None) -> tuple[list[dict], list[dict]]:
     """(encoded examples, data rows) for the profile's recipe; model is the untouched base model."""
     if rec.data == "hh_chosen":
         segments = hh_chosen_segments(rec.n_hh)
         rows = [{"kind": "hh_chosen", "turns": len(s) // 2} for s in segments]
     else:
-        rows = refusal_mix(profile, rec, model, tokenizer)
+        rows = refusal_mix(profile, rec, model, tokenizer, run)
         segments = [chat_segments(tokenizer, profile, r["prompt"], r["response"]) for r in rows]
     examples = [encode(tokenizer, s, rec.max_seq_len) for s in segments]
     kept = [i for i, e in enumerate(examples) if any(x != -100 for x in e["labels"][1:])]
+    if len(kept) < len(examples):  # the prompt alone fills max_seq_len: nothing to learn from it
+        print(f"dropped {len(examples) - len(kept)} of {len(examples)} examples longer than "
+              f"max_seq_len={rec.max_seq_len}")
     return [examples[i] for i in kept], [rows[i] for i in kept]
 
 
@@ -315,10 +356,13 @@ def perturbation(model, layer: int | None, delta: torch.Tensor | None):
         yield
         return
 
+    def add(hidden):
+        return hidden + delta.to(device=hidden.device, dtype=hidden.dtype)
+
     def hook(module, args, kwargs):
         if args:
-            return (args[0] + delta.to(args[0].dtype), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + delta.to(kwargs["hidden_states"].dtype)}
+            return (add(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": add(kwargs["hidden_states"])}
 
     handle = H.decoder_layers(causal_lm(model))[layer].register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -395,14 +439,16 @@ def lora_config(rec: Recipe):
                       target_modules=list(rec.target_modules), task_type="CAUSAL_LM")
 
 
-def train_arm(model, tokenizer, examples: list[dict], rec: Recipe, arm: str, progress: bool = True,
-              on_step=None):
+def train_arm(model, tokenizer, examples: list[dict], rec: Recipe, arm: str, epsilon: float | None = None,
+              progress: bool = True, on_step=None):
     """Attach a fresh LoRA to `model` (in place: pass a freshly loaded base for each arm), train it
-    and return (peft_model, log). The LoRA init, data order and attack noise come from rec.seed via
-    private generators, so arms differ only in the perturbation."""
+    and return (peft_model, log). `epsilon` is the absolute radius (default rec.epsilon; see
+    arm_epsilon). LoRA init, data order and attack noise come from rec.seed via private generators,
+    so arms differ only in the perturbation."""
     from peft import get_peft_model
     from tqdm import tqdm
     layer = perturb_layer(rec, arm)
+    epsilon = rec.epsilon if epsilon is None else epsilon
     model.requires_grad_(False)
     torch.manual_seed(rec.seed)  # LoRA A matrices are drawn from the global generator
     peft_model = get_peft_model(model, lora_config(rec))
@@ -411,16 +457,16 @@ def train_arm(model, tokenizer, examples: list[dict], rec: Recipe, arm: str, pro
     optimizer = torch.optim.AdamW(params, lr=rec.lr, weight_decay=rec.weight_decay)
     batches = data_order(len(examples), rec)
     warmup = math.ceil(rec.warmup_ratio * len(batches))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / (warmup + 1)) if warmup else 1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / (warmup + 1)))
     attack_noise = torch.Generator().manual_seed(rec.seed + 1)
     pad_id = tokenizer.pad_token_id
     device = next(peft_model.parameters()).device
-    rows, started = [], time.time()
+    rows, started, cpu_started = [], time.time(), time.process_time()
     for step, indices in enumerate(tqdm(batches, desc=f"train {arm}", disable=not progress, leave=False)):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
         attack = None
         if layer is not None:
-            attack = pgd_attack(peft_model, batch, layer, rec.epsilon, rec.attack_steps, attack_noise)
+            attack = pgd_attack(peft_model, batch, layer, epsilon, rec.attack_steps, attack_noise)
         with perturbation(peft_model, layer, None if attack is None else attack.delta):
             loss = sft_loss(peft_model, batch)
         optimizer.zero_grad(set_to_none=True)
@@ -437,8 +483,10 @@ def train_arm(model, tokenizer, examples: list[dict], rec: Recipe, arm: str, pro
         rows.append(row)
         if on_step:
             on_step(row)
-    return peft_model, {"arm": arm, "perturb_layer": layer, "steps": len(batches), "rows": rows,
-                        "seconds": round(time.time() - started, 1)}
+    return peft_model, {"arm": arm, "perturb_layer": layer, "epsilon_absolute": epsilon if layer is not None else 0.0,
+                        "steps": len(batches), "rows": rows,
+                        "seconds": round(time.time() - started, 1),
+                        "cpu_seconds": round(time.process_time() - cpu_started, 1)}  # all threads together
 
 
 @torch.no_grad()
@@ -485,13 +533,19 @@ def residual_norms(model, examples: list[dict], layers: list[int], pad_id: int, 
                     "tokens": med(lengths)} for layer in layers}
 
 
+def arm_epsilon(rec: Recipe, layer: int, norms: dict) -> float:
+    """Absolute radius for the arm that perturbs `layer` (norms from residual_norms)."""
+    if rec.epsilon_unit == "absolute":
+        return rec.epsilon
+    return rec.epsilon * norms[layer]["token_norm"] * math.sqrt(norms[layer]["tokens"])
+
+
 def epsilon_report(epsilon: float, norms: dict) -> dict:
-    """eps in absolute units and relative: to the median whole-sequence norm, and per token
-    (eps / sqrt(median length), spread evenly) to the median token norm."""
-    return {"epsilon": epsilon, **{f"layer_{layer}": {
-        **v, "epsilon_relative_to_sequence_norm": epsilon / v["sequence_norm"],
-        "epsilon_per_token_relative": epsilon / math.sqrt(v["tokens"]) / v["token_norm"]}
-        for layer, v in norms.items()}}
+    """An absolute eps, and relative: to the median whole-sequence norm of the clean block input (the
+    quantity the ball bounds; the first token's large activation dominates it in later blocks) and per
+    token (eps spread evenly over the median length, over the median token norm)."""
+    return {"absolute": epsilon, **norms, "relative_to_sequence_norm": epsilon / norms["sequence_norm"],
+            "per_token_relative": epsilon / math.sqrt(norms["tokens"]) / norms["token_norm"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,6 +589,19 @@ def load_arm(model, folder: Path):
     return PeftModel.from_pretrained(model, str(folder)).eval()
 
 
+def existing_logs(rec: Recipe, out: Path | None = None) -> dict:
+    """{arm: log} for the arms already trained into `out` with exactly this recipe."""
+    out = Path(out) if out else adapter_root(rec)
+    want = json.loads(json.dumps(dataclasses.asdict(rec)))
+    logs = {}
+    for arm in ARMS:
+        if (out / arm / "train_log.json").is_file() and (out / arm / "adapter_config.json").is_file():
+            log = load_log(out / arm)
+            if log.get("recipe") == want:
+                logs[arm] = log
+    return logs
+
+
 def adapter_megabytes(folder: Path) -> float:
     return round(sum(f.stat().st_size for f in Path(folder).glob("adapter_model.*")) / 2**20, 2)
 
@@ -543,7 +610,7 @@ def adapter_megabytes(folder: Path) -> float:
 # 8. Running the arms of a profile (the CLI and notebook 00 call this).
 
 def train_profile(profile: H.Profile, arms=ARMS, overrides: dict | None = None, out: Path | None = None,
-                  progress: bool = True) -> dict:
+                  run: Path | None = None, progress: bool = True) -> dict:
     """Build (or read) the training data, then train, save and log each arm from a fresh base.
     Returns {arm: log}. Existing adapters are overwritten."""
     from importlib.metadata import version
@@ -551,22 +618,26 @@ def train_profile(profile: H.Profile, arms=ARMS, overrides: dict | None = None, 
     out = Path(out) if out else adapter_root(rec)
     spec = H.model_role_spec(profile, "base")
     model, tokenizer = H.load_model(profile, "base")
-    examples, rows = training_examples(profile, rec, model, tokenizer)
-    layers = sorted({0, rec.lat_layer})
-    eps = epsilon_report(rec.epsilon, residual_norms(model, examples, layers, tokenizer.pad_token_id))
+    examples, rows = training_examples(profile, rec, model, tokenizer, run)
+    norms = residual_norms(model, examples, sorted({0, rec.lat_layer}), tokenizer.pad_token_id)
     common = {"stage": TRAINING_VERSION, "profile": profile.name, "recipe": dataclasses.asdict(rec),
               "base_model": dataclasses.asdict(spec), "n_examples": len(examples),
               "examples_by_kind": {k: sum(r["kind"] == k for r in rows) for k in sorted({r["kind"] for r in rows})},
               "target_sources": {k: sum(r.get("target_source") == k for r in rows)
                                  for k in sorted({r.get("target_source") for r in rows if r.get("target_source")})},
               "data_hash": H.stable_hash(examples), "order_hash": H.stable_hash(data_order(len(examples), rec)),
-              "epsilon": eps, "versions": {p: version(p) for p in ("torch", "transformers", "peft")}, "threads": torch.get_num_threads()}
+              "residual_norms": norms, "threads": torch.get_num_threads(),
+              "versions": {p: version(p) for p in ("torch", "transformers", "peft")}}
     before = clean_losses(model, examples, rec, tokenizer.pad_token_id)  # the same base for every arm
     logs = {}
     for arm in arms:
         if model is None:
             model, _ = H.load_model(profile, "base")
-        peft_model, log = train_arm(model, tokenizer, examples, rec, arm, progress=progress)
+        layer = perturb_layer(rec, arm)
+        eps = None if layer is None else arm_epsilon(rec, layer, norms)
+        peft_model, log = train_arm(model, tokenizer, examples, rec, arm, eps, progress=progress)
+        log["epsilon"] = None if layer is None else {"unit": rec.epsilon_unit, "value": rec.epsilon,
+                                                     "layer": layer, **epsilon_report(eps, norms[layer])}
         after = clean_losses(peft_model, examples, rec, tokenizer.pad_token_id)
         log = {**common, **log, "clean_loss_before": sum(before) / len(before),
                "clean_loss_after": sum(after) / len(after), "clean_losses_before": before, "clean_losses_after": after}
@@ -587,16 +658,16 @@ def summary(logs: dict) -> "pd.DataFrame":
     import pandas as pd
     rows = []
     for arm, log in logs.items():
-        layer = log["perturb_layer"]
-        eps = log["epsilon"].get(f"layer_{layer}", {}) if layer is not None else {}
+        eps = log["epsilon"] or {}
         tail = log["rows"][-max(1, len(log["rows"]) // 5):]  # last fifth of the steps
-        rows.append({"arm": arm, "perturb_layer": layer, "steps": log["steps"], "minutes": log["seconds"] / 60,
-                     "epsilon": log["recipe"]["epsilon"] if layer is not None else 0.0,
-                     "epsilon_rel_sequence": eps.get("epsilon_relative_to_sequence_norm", 0.0),
-                     "epsilon_rel_per_token": eps.get("epsilon_per_token_relative", 0.0),
+        rows.append({"arm": arm, "perturb_layer": log["perturb_layer"], "steps": log["steps"],
+                     "minutes": log["seconds"] / 60, "cpu_minutes": log.get("cpu_seconds", float("nan")) / 60,
+                     "epsilon": eps.get("absolute", 0.0),
+                     "epsilon_rel_sequence": eps.get("relative_to_sequence_norm", 0.0),
+                     "epsilon_rel_per_token": eps.get("per_token_relative", 0.0),
                      "train_loss_last_fifth": sum(r["loss"] for r in tail) / len(tail),
                      "attack_start_last_fifth": (sum(r["attack_loss_start"] for r in tail) / len(tail)
-                                                 if layer is not None else float("nan")),
+                                                 if eps else float("nan")),
                      "clean_loss_before": log["clean_loss_before"], "clean_loss_after": log["clean_loss_after"],
                      "adapter_mb": log.get("adapter_mb")})
     return pd.DataFrame(rows)

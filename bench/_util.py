@@ -53,6 +53,11 @@ def compare(fns: dict, reps: int = 3, warmup: dict | None = None, sync=None, log
     return times
 
 
+def ratio(times: dict, a: str, b: str) -> float:
+    """Median over rounds of a/b, each round's pair timed back to back (robust to load that drifts)."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
 def med(xs) -> float:
     return statistics.median(xs)
 
@@ -60,6 +65,21 @@ def med(xs) -> float:
 def spread(xs) -> str:
     """'median s (min-max)' for a table cell."""
     return f"{med(xs):.2f} s ({min(xs):.2f}-{max(xs):.2f})"
+
+
+def set_threads(threads: str = "auto") -> str:
+    """torch's CPU threads. "auto": the default (one per core) unless other processes already keep
+    cores busy; then fewer, because OpenMP threads that wait on descheduled siblings at every op
+    barrier make small ops (decode steps, hooks) several times slower. Returns a note for the report."""
+    default = torch.get_num_threads()
+    if threads == "auto":
+        busy = round(os.getloadavg()[0])
+        n = max(1, min(default, (os.cpu_count() or 1) - busy))
+        note = f"threads auto: {n} (1-min load average {os.getloadavg()[0]:.1f} before the bench, default {default})"
+    else:
+        n, note = int(threads), f"threads {threads} (default {default})"
+    torch.set_num_threads(n)
+    return note
 
 
 # --- memory -------------------------------------------------------------------------------------

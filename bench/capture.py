@@ -3,17 +3,18 @@ same batches through the bare trunk, and its memory vs keeping every layer's who
 TransformerLens run_with_cache keeps; emulated with output_hidden_states=True, which holds only the
 residual stream, so the real run_with_cache cache is larger still).
 
-    .venv/bin/python bench/capture.py [--profile cpu] [--prompts 32] [--reps 3]
+    .venv/bin/python bench/capture.py [--profile cpu] [--prompts 16] [--threads auto] [--reps 3]
 """
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 
 import torch
 
-from _util import H, PeakRSS, bench_prompts, batches, compare, med, mib, spread, table, tensor_bytes, verdict
+from _util import H, PeakRSS, bench_prompts, batches, compare, med, mib, ratio, spread, table, tensor_bytes, verdict
 
-SIZES = {"cpu": {"prompts": 32}, "tiny": {"prompts": 16}}
+SIZES = {"cpu": {"prompts": 16}, "tiny": {"prompts": 16}}
 TARGET = 0.10  # capture costs at most 10 % over the bare forward pass
 
 
@@ -39,42 +40,93 @@ def whole_sequences(model, tok, profile, prompts):
     return kept
 
 
-def run(model, tok, profile, prompts: int = 32, reps: int = 3, log=print):
+@contextmanager
+def capture_copies(model, position: int):
+    """H.capture_block_inputs with the read position copied out (.clone()). In float32 on the CPU,
+    hidden[:, position].detach().float().cpu() is a view: it keeps every layer's whole input
+    [batch, seq, d] alive until the batch is stacked. The change proposed for helpers.py."""
+    layers = H.decoder_layers(model)
+    captured = [[] for _ in layers]
+
+    def make_hook(index):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured[index].append(hidden[:, position].detach().float().cpu().clone())
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def block_inputs_copied(model, tok, profile, prompts):
+    """H.block_inputs' loop with capture_copies."""
+    trunk, chunks = model.get_decoder(), []
+    for chunk in batches(prompts, profile.batch_size):
+        b = H.tokenize(tok, profile, chunk)
+        with capture_copies(model, profile.read_position) as captured:
+            trunk(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                  position_ids=H.position_ids(b["attention_mask"]), use_cache=False)
+        chunks.append(torch.stack([layer[0] for layer in captured], dim=1))
+    return torch.cat(chunks)
+
+
+def run(model, tok, profile, prompts: int = 16, reps: int = 3, log=print):
     texts = bench_prompts(profile, prompts)
-    few = texts[:2]
-    fns = {"bare": lambda: bare_forward(model, tok, profile, texts),
-           "capture": lambda: H.block_inputs(model, tok, profile, texts),
-           "whole": lambda: whole_sequences(model, tok, profile, texts)}
-    warm = {"bare": lambda: bare_forward(model, tok, profile, few),
-            "capture": lambda: H.block_inputs(model, tok, profile, few),
-            "whole": lambda: whole_sequences(model, tok, profile, few)}
+    variants = {"bare": lambda t: bare_forward(model, tok, profile, t),
+                "capture": lambda t: H.block_inputs(model, tok, profile, t),
+                "copied": lambda t: block_inputs_copied(model, tok, profile, t),
+                "whole": lambda t: whole_sequences(model, tok, profile, t)}
+    mem, kept_bytes, results = {}, {}, {}
+
+    def measured(name):  # peak memory of every timed call (same sampler cost for all variants)
+        def call():
+            with PeakRSS() as peak:
+                kept = variants[name](texts)
+            mem.setdefault(name, []).append(peak.delta)
+            kept_bytes[name] = tensor_bytes(kept)
+            if name in ("capture", "copied"):
+                results[name] = kept
+        return call
+
     log(f"capture: {prompts} prompts, batch {profile.batch_size}, {reps} reps")
-    t = compare(fns, reps, warm, log=log)
-    overhead = med(t["capture"]) / med(t["bare"]) - 1
-
-    mem = {}
-    for name in fns:
-        with PeakRSS() as peak:
-            kept = fns[name]()
-        mem[name] = (peak.delta, tensor_bytes(kept))
-        del kept
+    t = compare({k: measured(k) for k in variants}, reps,
+                {k: (lambda f=f: f(texts[:2])) for k, f in variants.items()}, log=log)
+    overhead = ratio(t, "capture", "bare") - 1
     n_tokens = sum(H.tokenize(tok, profile, c)["attention_mask"].numel() for c in batches(texts, profile.batch_size))
-
-    rows = [["bare trunk forward (no hooks)", spread(t["bare"]), "1.00", mib(mem["bare"][0]), mib(0)],
-            ["**H.block_inputs** (all layers, read position)", spread(t["capture"]),
-             f"{med(t['capture']) / med(t['bare']):.3f}", mib(mem["capture"][0]), mib(mem["capture"][1])],
-            ["all layers x all positions (run_with_cache-like)", spread(t["whole"]),
-             f"{med(t['whole']) / med(t['bare']):.3f}", mib(mem["whole"][0]), mib(mem["whole"][1])]]
-    ratio_mem = mem["whole"][1] / max(mem["capture"][1], 1)
+    labels = {"bare": "bare trunk forward (no hooks)",
+              "capture": "**H.block_inputs** (all layers, read position)",
+              "copied": "same, read position copied out (proposed fix)",
+              "whole": "all layers x all positions (run_with_cache-like)"}
+    rows = [[labels[k], spread(t[k]), f"{ratio(t, k, 'bare'):.3f}", mib(med(mem[k])), mib(kept_bytes[k])] for k in labels]
+    ratio_mem = kept_bytes["whole"] / max(kept_bytes["capture"], 1)
+    ratio_peak = med(mem["whole"]) / max(med(mem["copied"]), 1)
+    same = torch.equal(results.pop("capture"), results.pop("copied"))
+    n_run = 2 * profile.n_direction + profile.n_eval  # what notebook 01 captures on this profile
     md = (f"{prompts} prompts ({n_tokens} padded tokens), batch {profile.batch_size}, "
-          f"{model.config.num_hidden_layers} layers, width {model.config.hidden_size}; time: median (min-max) of "
-          f"{reps} after a warm-up; memory: peak RSS above the level before the call (sampled every 2 ms) and "
-          f"bytes of the tensors the call returns.\n\n"
+          f"{model.config.num_hidden_layers} layers, width {model.config.hidden_size}. Time: median (min-max) of "
+          f"{reps} after a warm-up; x bare: median of the per-round ratios. Memory: peak RSS above the level "
+          f"before the call (sampled every 2 ms; median over the timed calls) and bytes of the tensors the call "
+          f"returns.\n\n"
           + table(["variant", "time", "x bare", "peak RSS delta", "tensors kept"], rows)
           + f"\n\nCapture overhead {overhead:+.1%} (target <= {TARGET:.0%}: {verdict(overhead <= TARGET)}). "
-          f"Keeping whole sequences holds {ratio_mem:,.0f}x the bytes of the read-position capture "
-          f"(it grows with sequence length; TransformerLens also caches attention patterns, q/k/v and MLP "
-          f"activations, so its real cache is larger still).")
+          f"H.block_inputs peaks at {med(mem['capture']) / max(med(mem['bare']), 1):.1f}x the bare pass and "
+          f"{med(mem['capture']) / max(med(mem['whole']), 1):.2f}x keeping whole sequences: its hook keeps a view "
+          f"(`hidden[:, position].float().cpu()` copies nothing for float32 on the CPU) that holds every layer's "
+          f"whole input until the batch is stacked; copying the read position out (`.clone()`) gives the same "
+          f"values ({'identical' if same else '**DIFFERENT**'}) at "
+          f"{med(mem['copied']) / max(med(mem['capture']), 1):.2f}x the peak and "
+          f"{ratio(t, 'copied', 'capture'):.3f}x the time. "
+          f"Keeping whole sequences holds {ratio_mem:,.0f}x the bytes of the read-position capture and peaks "
+          f"{ratio_peak:.1f}x as high as the copying capture (the cache grows with sequence length; TransformerLens also caches "
+          f"attention patterns, q/k/v and MLP activations, so its real cache is larger still). "
+          f"Scaled to the {n_run} prompts notebook 01 captures on "
+          f"`{profile.name}`: {mib(kept_bytes['capture'] / prompts * n_run)} kept by H.block_inputs vs "
+          f"{mib(kept_bytes['whole'] / prompts * n_run)} of whole sequences.")
     targets = [("capture hook overhead <= 10 %", f"{overhead:+.1%}", overhead <= TARGET)]
     return md, targets
 
@@ -85,11 +137,13 @@ def main():
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--prompts", type=int)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", default="auto")
     args = parser.parse_args()
+    note = _util.set_threads(args.threads)
     profile = H.load_profile(args.profile)
     model, tok = H.load_model(profile, "base")
     md, _ = run(model, tok, profile, args.prompts or SIZES.get(args.profile, SIZES["cpu"])["prompts"], args.reps)
-    print(f"## Activation capture ({profile.name})\n\n{_util.machine()}\n\n{md}")
+    print(f"## Activation capture ({profile.name})\n\n{_util.machine()}; {note}\n\n{md}")
 
 
 if __name__ == "__main__":

@@ -62,11 +62,30 @@ def test_training_prompts_never_overlap_the_direction_or_evaluation_sets():
     prompts = T.training_prompts(rec)
     assert len(prompts["harmful"]) == rec.n_harmful and len(prompts["harmless"]) == rec.n_harmless
     assert prompts == T.training_prompts(rec), "the sample must be deterministic"
-    used = H.prompt_sets(H.load_profile("cpu", {"n_eval": 520}))
-    analysed = {T._norm_text(p) for p in used.harmful + used.harmless + used.eval}
+    profile = H.load_profile("cpu", {"n_eval": 520})
+    used = H.prompt_sets(profile)
+    held_out = H.validation_sets(profile)
+    analysed = {T._norm_text(p) for p in used.harmful + used.harmless + used.eval + sum(held_out.values(), [])}
     trained = [T._norm_text(p) for p in prompts["harmful"] + prompts["harmless"]]
     assert not analysed & set(trained)
     assert len(set(trained)) == len(trained)
+
+
+def test_refusal_targets_keep_the_base_models_refusals_and_replace_its_compliance(tiny, base, monkeypatch, tmp_path):
+    answers = {"harmful": ["I'm sorry, but I cannot help with making weapons.", "Sure, here is how to do it:"],
+               "harmless": ["Bread needs flour. It also needs water", "Red, green, blue."]}
+    monkeypatch.setattr(T, "training_prompts", lambda rec: {k: [f"{k} {i}" for i in range(2)] for k in answers})
+    by_prompt = {f"{k} {i}": a for k, texts in answers.items() for i, a in enumerate(texts)}
+    monkeypatch.setattr(T.H, "generate", lambda model, tok, profile, prompts, **kw: [by_prompt[p] for p in prompts])
+    rec = _recipe(tiny, response_tokens=8)
+    rows = T.refusal_mix(tiny, rec, *base, run=tmp_path)
+    assert [r["target_source"] for r in rows] == ["base_model", "fixed_refusal", "base_model", "base_model"]
+    assert rows[0]["response"] == answers["harmful"][0] and rows[1]["response"] == rec.refusal
+    assert rows[2]["response"] == "Bread needs flour.", "an answer cut at the token limit ends at its last sentence"
+    assert T.trim_to_sentence("Here are steps. First, mix.\n\n1.") == "Here are steps. First, mix."
+    assert rows[3]["response"] == "Red, green, blue."
+    monkeypatch.setattr(T.H, "generate", lambda *a, **k: pytest.fail("cached rows must be reused"))
+    assert T.refusal_mix(tiny, rec, *base, run=tmp_path) == rows
 
 
 def test_data_order_is_a_function_of_the_recipe_only(tiny):
