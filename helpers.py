@@ -227,7 +227,8 @@ def sha256_file(path: Path) -> str:
 def data_search_dirs(data_dir: str | Path | None = None) -> list[Path]:
     explicit = data_dir or os.environ.get("REFUSAL_LAT_DATA_DIR")
     dirs = [Path(explicit)] if explicit else []
-    return dirs + [REPO / "data" / "cache", REPO.parent / "shared" / "data"]
+    mirrors = [p / "shared" / "data" for p in REPO.parents if (p / "shared" / "data").is_dir()]  # ../shared/data
+    return dirs + [REPO / "data" / "cache"] + (mirrors[:1] or [REPO.parent / "shared" / "data"])
 
 
 def data_file(name: str, data_dir: str | Path | None = None) -> Path:
