@@ -574,7 +574,8 @@ def capture_block_inputs(model, position: int):
     def make_hook(index):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            captured[index].append(hidden[:, position].detach().float().cpu())
+            # clone: in fp32 on CPU the slice is a view that would keep the whole [batch, seq, d] alive
+            captured[index].append(hidden[:, position].detach().float().cpu().clone())
         return hook
 
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
@@ -911,7 +912,7 @@ def _unit_direction(model, direction: torch.Tensor) -> torch.Tensor:
 
 
 def _project_out(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    r = r.to(device=x.device, dtype=x.dtype)
+    r = r.to(device=x.device, dtype=x.dtype)  # a no-op when the caller already cast it
     return x - (x @ r).unsqueeze(-1) * r
 
 
@@ -922,17 +923,24 @@ def ablation(model, direction: torch.Tensor | None):
     if direction is None:
         yield
         return
-    r = _unit_direction(model, direction)
+    unit = _unit_direction(model, direction)
+    casts = {}  # one copy of r per (device, dtype): no host-to-device copy inside the hooks
+
+    def project(x):
+        key = (x.device, x.dtype)
+        if key not in casts:
+            casts[key] = unit.to(device=x.device, dtype=x.dtype)
+        return _project_out(x, casts[key])
 
     def pre_hook(module, args, kwargs):
         if args:
-            return (_project_out(args[0], r), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": _project_out(kwargs["hidden_states"], r)}
+            return (project(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": project(kwargs["hidden_states"])}
 
     def out_hook(module, args, output):
         if isinstance(output, tuple):
-            return (_project_out(output[0], r), *output[1:])
-        return _project_out(output, r)
+            return (project(output[0]), *output[1:])
+        return project(output)
 
     handles = []
     try:
