@@ -270,25 +270,27 @@ def chat_segments(tokenizer, profile: H.Profile, prompt: str, response: str) -> 
 LLAMA2_SYSTEM = "<s>[INST] <<SYS>>\nYou are a helpful, respectful and honest assistant.\n<</SYS>>\n\n"
 
 
+def hh_segments(text: str) -> list[tuple[str, bool]]:
+    """One HH transcript in Casper et al.'s parse_examples format (newlines inside a turn become spaces);
+    the assistant turns are the trained segments."""
+    turns = re.split(r"\n\nHuman: |\n\nAssistant: ", "\n\n" + text.strip())[1:]  # human, assistant, ...
+    turns = [t.replace("\n", " ").strip() for t in turns]
+    segments = []
+    for i in range(0, len(turns) - 1, 2):
+        head = (LLAMA2_SYSTEM if i == 0 else "<s>[INST] ") + turns[i] + " [/INST] "
+        segments += [(head, False), (turns[i + 1] + " </s>", True)]
+    return segments
+
+
 def hh_chosen_segments(n: int) -> list[list[tuple[str, bool]]]:
-    """Casper et al.'s parse_examples for Anthropic HH "chosen" (paper recipe; needs the hub)."""
+    """The paper recipe's data: Anthropic/hh-rlhf "chosen", shuffle(seed=42), first n (needs the hub)."""
     try:
         from datasets import load_dataset
     except ImportError as err:
         raise H.ConfigError("the paper recipe reads Anthropic/hh-rlhf with `datasets`: pip install datasets "
                             "(and run where the Hugging Face hub is reachable)") from err
     rows = load_dataset("Anthropic/hh-rlhf", split="train").shuffle(seed=42).select(range(n))
-    examples = []
-    for text in rows["chosen"]:
-        turns = re.split(r"\n\nHuman: |\n\nAssistant: ", "\n\n" + text.strip())[1:]  # human, assistant, ...
-        turns = [t.replace("\n", " ").strip() for t in turns]
-        segments = []
-        for i in range(0, len(turns) - 1, 2):
-            head = (LLAMA2_SYSTEM if i == 0 else "<s>[INST] ") + turns[i] + " [/INST] "
-            segments += [(head, False), (turns[i + 1] + " </s>", True)]
-        if segments:
-            examples.append(segments)
-    return examples
+    return [seg for seg in map(hh_segments, rows["chosen"]) if seg]
 
 
 def encode(tokenizer, segments: list[tuple[str, bool]], max_len: int) -> dict:
@@ -555,6 +557,7 @@ def _write_atomic(path: Path, text: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
         f.write(text)
+    os.chmod(f.name, 0o644)  # NamedTemporaryFile creates 0600
     os.replace(f.name, path)
 
 

@@ -88,6 +88,13 @@ def test_refusal_targets_keep_the_base_models_refusals_and_replace_its_complianc
     assert T.refusal_mix(tiny, rec, *base, run=tmp_path) == rows
 
 
+def test_hh_transcripts_become_casper_llama2_turns_with_the_assistant_trained():
+    text = "\n\nHuman: Hi there\n\nAssistant: Hello!\nHow can I help?\n\nHuman: A joke?\n\nAssistant: No."
+    assert T.hh_segments(text) == [
+        (T.LLAMA2_SYSTEM + "Hi there [/INST] ", False), ("Hello! How can I help? </s>", True),
+        ("<s>[INST] A joke? [/INST] ", False), ("No. </s>", True)]
+
+
 def test_data_order_is_a_function_of_the_recipe_only(tiny):
     rec = _recipe(tiny, epochs=2)
     order = T.data_order(6, rec)
