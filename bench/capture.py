@@ -8,7 +8,6 @@ residual stream, so the real run_with_cache cache is larger still).
 from __future__ import annotations
 
 import argparse
-from contextlib import contextmanager
 
 import torch
 
@@ -40,48 +39,12 @@ def whole_sequences(model, tok, profile, prompts):
     return kept
 
 
-@contextmanager
-def capture_copies(model, position: int):
-    """H.capture_block_inputs with the read position copied out (.clone()). In float32 on the CPU,
-    hidden[:, position].detach().float().cpu() is a view: it keeps every layer's whole input
-    [batch, seq, d] alive until the batch is stacked. The change proposed for helpers.py."""
-    layers = H.decoder_layers(model)
-    captured = [[] for _ in layers]
-
-    def make_hook(index):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            captured[index].append(hidden[:, position].detach().float().cpu().clone())
-        return hook
-
-    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@torch.no_grad()
-def block_inputs_copied(model, tok, profile, prompts):
-    """H.block_inputs' loop with capture_copies."""
-    trunk, chunks = model.get_decoder(), []
-    for chunk in batches(prompts, profile.batch_size):
-        b = H.tokenize(tok, profile, chunk)
-        with capture_copies(model, profile.read_position) as captured:
-            trunk(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                  position_ids=H.position_ids(b["attention_mask"]), use_cache=False)
-        chunks.append(torch.stack([layer[0] for layer in captured], dim=1))
-    return torch.cat(chunks)
-
-
 def run(model, tok, profile, prompts: int = 16, reps: int = 3, log=print):
     texts = bench_prompts(profile, prompts)
     variants = {"bare": lambda t: bare_forward(model, tok, profile, t),
                 "capture": lambda t: H.block_inputs(model, tok, profile, t),
-                "copied": lambda t: block_inputs_copied(model, tok, profile, t),
                 "whole": lambda t: whole_sequences(model, tok, profile, t)}
-    mem, kept_bytes, results = {}, {}, {}
+    mem, kept_bytes = {}, {}
 
     def measured(name):  # peak memory of every timed call (same sampler cost for all variants)
         def call():
@@ -89,8 +52,6 @@ def run(model, tok, profile, prompts: int = 16, reps: int = 3, log=print):
                 kept = variants[name](texts)
             mem.setdefault(name, []).append(peak.delta)
             kept_bytes[name] = tensor_bytes(kept)
-            if name in ("capture", "copied"):
-                results[name] = kept
         return call
 
     log(f"capture: {prompts} prompts, batch {profile.batch_size}, {reps} reps")
@@ -100,12 +61,10 @@ def run(model, tok, profile, prompts: int = 16, reps: int = 3, log=print):
     n_tokens = sum(H.tokenize(tok, profile, c)["attention_mask"].numel() for c in batches(texts, profile.batch_size))
     labels = {"bare": "bare trunk forward (no hooks)",
               "capture": "**H.block_inputs** (all layers, read position)",
-              "copied": "same, read position copied out (proposed fix)",
               "whole": "all layers x all positions (run_with_cache-like)"}
     rows = [[labels[k], spread(t[k]), f"{ratio(t, k, 'bare'):.3f}", mib(med(mem[k])), mib(kept_bytes[k])] for k in labels]
     ratio_mem = kept_bytes["whole"] / max(kept_bytes["capture"], 1)
-    ratio_peak = med(mem["whole"]) / max(med(mem["copied"]), 1)
-    same = torch.equal(results.pop("capture"), results.pop("copied"))
+    ratio_peak = med(mem["whole"]) / max(med(mem["capture"]), 1)
     n_run = 2 * profile.n_direction + profile.n_eval  # what notebook 01 captures on this profile
     md = (f"{prompts} prompts ({n_tokens} padded tokens), batch {profile.batch_size}, "
           f"{model.config.num_hidden_layers} layers, width {model.config.hidden_size}. Time: median (min-max) of "
@@ -115,14 +74,10 @@ def run(model, tok, profile, prompts: int = 16, reps: int = 3, log=print):
           + table(["variant", "time", "x bare", "peak RSS delta", "tensors kept"], rows)
           + f"\n\nCapture overhead {overhead:+.1%} (target <= {TARGET:.0%}: {verdict(overhead <= TARGET)}). "
           f"H.block_inputs peaks at {med(mem['capture']) / max(med(mem['bare']), 1):.1f}x the bare pass and "
-          f"{med(mem['capture']) / max(med(mem['whole']), 1):.2f}x keeping whole sequences: its hook keeps a view "
-          f"(`hidden[:, position].float().cpu()` copies nothing for float32 on the CPU) that holds every layer's "
-          f"whole input until the batch is stacked; copying the read position out (`.clone()`) gives the same "
-          f"values ({'identical' if same else '**DIFFERENT**'}) at "
-          f"{med(mem['copied']) / max(med(mem['capture']), 1):.2f}x the peak and "
-          f"{ratio(t, 'copied', 'capture'):.3f}x the time. "
+          f"{med(mem['capture']) / max(med(mem['whole']), 1):.2f}x keeping whole sequences (its hook clones the "
+          f"read position out, so no layer's whole input stays alive). "
           f"Keeping whole sequences holds {ratio_mem:,.0f}x the bytes of the read-position capture and peaks "
-          f"{ratio_peak:.1f}x as high as the copying capture (the cache grows with sequence length; TransformerLens also caches "
+          f"{ratio_peak:.1f}x as high as H.block_inputs (the cache grows with sequence length; TransformerLens also caches "
           f"attention patterns, q/k/v and MLP activations, so its real cache is larger still). "
           f"Scaled to the {n_run} prompts notebook 01 captures on "
           f"`{profile.name}`: {mib(kept_bytes['capture'] / prompts * n_run)} kept by H.block_inputs vs "
