@@ -78,6 +78,7 @@ class Profile:
     refusal_tokens: list = field(default_factory=lambda: ["I"])  # first tokens of a refusal (logit score)
     n_harmless_check: int = 100    # harmless prompts generated with and without ablation
     device: str = "auto"           # auto (CUDA when present) | cpu | cuda
+    training: dict = field(default_factory=dict)  # notebook 00's recipe (training.Recipe keys)
 
     @property
     def roles(self) -> list[str]:
@@ -478,15 +479,73 @@ def load_model(profile: Profile, role: str):
     else:
         model = AutoModelForCausalLM.from_pretrained(spec.id, revision=spec.revision, **kwargs)
     if spec.adapter:
-        local = REPO / spec.adapter  # adapters trained here live in adapters/<profile>/<arm>
-        model = merge_adapter(model, str(local) if local.is_dir() else spec.adapter, spec.adapter_revision)
+        model = merge_adapter(model, adapter_location(spec), spec.adapter_revision)
     if not cuda:
         model = model.to("cpu")
     model.eval().requires_grad_(False)
     return model, tokenizer
 
 
-def merge_adapter(model, adapter: str, revision: str = "main"):
+def adapter_location(spec: ModelSpec) -> str:
+    """A folder in this repo (adapters/<profile>/<arm>, trained by notebook 00) or a hub id."""
+    local = REPO / spec.adapter
+    return str(local) if local.is_dir() else spec.adapter
+
+
+def model_fingerprint(profile: Profile, role: str) -> dict:
+    """What identifies a role's weights in cache keys: its spec, plus the adapter file's sha256 for
+    local adapters (retraining one must not reuse stale activations or generations)."""
+    spec = model_role_spec(profile, role)
+    out = dataclasses.asdict(spec)
+    if spec.adapter and Path(adapter_location(spec)).is_dir():
+        out["adapter_sha256"] = sha256_file(Path(adapter_location(spec)) / "adapter_model.safetensors")
+    return out
+
+
+_SHARED = {}  # use_model's resident model: key, model, tokenizer, pristine weights, merged adapter
+
+
+def use_model(profile: Profile, role: str):
+    """(model, tokenizer) for `role`, keeping one model resident between calls. Roles that share a
+    base switch adapters on it instead of reloading (issue 5: load the base once): the adapter is
+    merged in place exactly as load_model merges it, after the weights an earlier merge touched are
+    restored byte for byte from a pristine copy, so each role's weights equal a fresh load_model's.
+    The model is valid until the next use_model call; drop your reference before it, so that a GPU
+    never holds two. Quantised models are reloaded per role (merging into 4-bit weights is lossy)."""
+    spec = model_role_spec(profile, role)
+    shareable = profile.quantization == "none"
+    key = stable_hash({"base": dataclasses.asdict(dataclasses.replace(spec, adapter=None, adapter_revision="main")),
+                       "role": None if shareable else model_fingerprint(profile, role), "dtype": profile.dtype,
+                       "quantization": profile.quantization, "cuda": use_cuda(profile)})
+    if _SHARED.get("key") != key or getattr(_SHARED["model"], "_weights_edited", False):
+        release_models()
+        base = dataclasses.replace(spec, adapter=None) if shareable else spec
+        model, tokenizer = load_model(dataclasses.replace(profile, models={role: base}), role)
+        _SHARED.update(key=key, model=model, tokenizer=tokenizer, pristine={}, adapter=(spec.adapter, spec.adapter_revision)
+                       if not shareable else (None, "main"))
+    model = _SHARED["model"]
+    if _SHARED["adapter"] != (spec.adapter, spec.adapter_revision):
+        with torch.no_grad():
+            for name, weight in _SHARED["pristine"].items():
+                model.get_submodule(name).weight.copy_(weight)
+        if spec.adapter:
+            try:
+                merge_adapter(model, adapter_location(spec), spec.adapter_revision, pristine=_SHARED["pristine"])
+            except Exception:
+                release_models()  # a failed merge may leave adapter layers behind: never reuse that model
+                raise
+        _SHARED["adapter"] = (spec.adapter, spec.adapter_revision)
+        model.eval().requires_grad_(False)
+    return model, _SHARED["tokenizer"]
+
+
+def release_models():
+    """Drop use_model's resident model."""
+    _SHARED.clear()
+    free_memory()
+
+
+def merge_adapter(model, adapter: str, revision: str = "main", pristine: dict | None = None):
     """Load a PEFT LoRA adapter on top of `model` and fold it into the weights (PAPER.md §1)."""
     from peft import PeftModel
     try:
@@ -497,6 +556,16 @@ def merge_adapter(model, adapter: str, revision: str = "main"):
                               f"check the profile's adapter path") from None
         raise ConfigError(f"adapter {adapter!r} does not fit this base model ({str(err).splitlines()[0][:160]}); "
                           f"check the profile's adapter/base pair") from None  # shape mismatch: another base
+    if pristine is not None:  # keep the weights the merge will change, once, for use_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        config = peft_model.peft_config[peft_model.active_adapter]
+        if getattr(config, "modules_to_save", None) or getattr(config, "bias", "none") != "none":
+            raise ConfigError(f"adapter {adapter!r} also trains whole modules or biases, which use_model cannot switch "
+                              f"back; call load_model for it")
+        prefix = "base_model.model."
+        for name, module in peft_model.named_modules():
+            if isinstance(module, BaseTunerLayer) and name.startswith(prefix) and name[len(prefix):] not in pristine:
+                pristine[name[len(prefix):]] = module.get_base_layer().weight.detach().clone()
     return peft_model.merge_and_unload()
 
 
@@ -614,7 +683,7 @@ def stable_hash(obj) -> str:
 
 def activation_key(profile: Profile, role: str, sets: dict[str, list[str]]) -> dict:
     """Everything that determines the activations; its hash names the cache entry."""
-    return {"stage": ACTIVATIONS_VERSION, "model": dataclasses.asdict(model_role_spec(profile, role)),
+    return {"stage": ACTIVATIONS_VERSION, "model": model_fingerprint(profile, role),
             "dtype": profile.dtype, "quantization": profile.quantization, "template": profile.template,
             "read_position": profile.read_position,
             "prompts": {name: stable_hash(prompts) for name, prompts in sets.items()}}
@@ -673,9 +742,8 @@ def activations(profile: Profile, role: str, sets: PromptSets, run: Path, model=
         cached = load_tensors(path, key_hash)  # another process may have finished it meanwhile
         if cached is not None:
             return cached
-        loaded_here = model is None
-        if loaded_here:
-            model, tokenizer = load_model(profile, role)
+        if model is None:
+            model, tokenizer = use_model(profile, role)
         started = time.time()
         tensors = {name: block_inputs(model, tokenizer, profile, prompts, desc=f"{role}/{name}")
                    for name, prompts in named.items()}
@@ -686,9 +754,6 @@ def activations(profile: Profile, role: str, sets: PromptSets, run: Path, model=
                     "read_tokens": sorted(set(read_tokens(tokenizer, profile, named["harmful"][:8]))),
                     "versions": {"torch": torch.__version__, "transformers": _version("transformers")}}
         save_tensors(path, tensors, metadata)
-    if loaded_here:  # one model in memory at a time (a 16 GB GPU holds one 4-bit 7B)
-        del model
-        free_memory()
     return tensors
 
 
@@ -959,6 +1024,7 @@ def orthogonalize_(model, direction: torch.Tensor):
     """The same map folded into the weights, in place: every matrix that writes to the residual
     stream (embedding, attention out-projection, MLP down-projection) loses its r component."""
     r = _unit_direction(model, direction)
+    model._weights_edited = True  # use_model will not hand this model out again
     embed = model.get_input_embeddings()
     if model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embed.weight:
         model.get_output_embeddings().weight = torch.nn.Parameter(embed.weight.clone())  # untie first
@@ -1041,7 +1107,7 @@ def unit_key(profile: Profile, target: str, source: str, layer, direction, promp
              stop_at_eos: bool) -> dict:
     direction_hash = None if direction is None else hashlib.sha256(
         direction.float().contiguous().numpy().tobytes()).hexdigest()
-    return {"stage": GENERATION_VERSION, "target": dataclasses.asdict(model_role_spec(profile, target)),
+    return {"stage": GENERATION_VERSION, "target": model_fingerprint(profile, target),
             "source": source, "layer": layer, "direction": direction_hash, "dtype": profile.dtype,
             "quantization": profile.quantization, "template": profile.template,
             "max_new_tokens": profile.max_new_tokens, "stop_at_eos": stop_at_eos, "prompts": stable_hash(prompts)}
@@ -1080,7 +1146,7 @@ def generation_units(profile: Profile, run: Path, prompts: list[str], dirs_by_ro
         else:
             todo.setdefault(target, []).append((source, layer, direction, key, path))
     for target, pending in todo.items():
-        model, tokenizer = load_model(profile, target)
+        model, tokenizer = use_model(profile, target)
         for source, layer, direction, key, path in pending:
             started = time.time()
             texts = generate(model, tokenizer, profile, prompts, direction, stop_at_eos,
@@ -1090,8 +1156,7 @@ def generation_units(profile: Profile, run: Path, prompts: list[str], dirs_by_ro
             _atomic_write_bytes(path.with_suffix(".json"), json.dumps(
                 {"hash": stable_hash(key), "key": key, "seconds": round(time.time() - started, 1)}, indent=1).encode())
             results[(target, source, layer)] = rows
-        del model
-        free_memory()
+        del model  # the next use_model may load another model
     return {u: results[u] for u in units}
 
 
@@ -1450,11 +1515,9 @@ def selection_table(profile: Profile, run: Path, role: str, acts: dict, val: dic
            "layers": layers}
 
     def compute():
-        model, tokenizer = load_model(profile, role)
+        model, tokenizer = use_model(profile, role)
         scores = selection_scores(model, tokenizer, profile, refusal_directions(acts),
                                   mean_difference(acts["harmful"], acts["harmless"]), val, layers)
-        del model
-        free_memory()
         return scores.assign(model=role)
     return cached_table(run / "selection" / f"{role}.csv", key, compute)
 
@@ -1472,18 +1535,16 @@ def harmless_checks(profile: Profile, run: Path, dirs_by_role: dict, picks: dict
         before = classify([r["completion"] for r in results[units[0]]], "project")
         key = {"stage": "harmless-kl-v1", "role": role, "layers": layers, "prompts": stable_hash(prompts),
                "directions": [hashlib.sha256(dirs_by_role[role][l].numpy().tobytes()).hexdigest() for l in layers],
-               "model": dataclasses.asdict(model_role_spec(profile, role))}
+               "model": model_fingerprint(profile, role)}
 
         def compute():
-            model, tokenizer = load_model(profile, role)
+            model, tokenizer = use_model(profile, role)
             base = last_token_logprobs(model, tokenizer, profile, prompts)
             out = []
             for layer in layers:
                 with ablation(model, dirs_by_role[role][layer]):
                     out.append({"layer": layer, "kl": kl_divergence(base, last_token_logprobs(
                         model, tokenizer, profile, prompts)).mean()})
-            del model
-            free_memory()
             return pd.DataFrame(out)
         kl = cached_table(run / "selection" / f"{role}_harmless_kl.csv", key, compute).set_index("layer").kl
         for unit in units[1:]:

@@ -48,9 +48,8 @@ TRAINING_VERSION = "training-v1"  # bump when the data construction changes what
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Recipes: every training decision of a profile. The defaults below are what a `training:`
-#    mapping in configs/<profile>.yaml would hold (adapters/cpu/INTEGRATION.md); a profile that
-#    carries such a mapping overrides them key by key.
+# 1. Recipes: every training decision of a profile, read from the `training:` mapping of
+#    configs/<profile>.yaml (the reasons for each value are written there).
 
 @dataclass(frozen=True)
 class Recipe:
@@ -82,48 +81,25 @@ class Recipe:
     epsilon_unit: str = "absolute"
 
 
-RECIPES = {
-    # The paper's adapters (PAPER.md §2: Casper et al.'s lat.py + LoRA). Code path only: it needs a
-    # GPU, the hub (Llama-2 is gated) and `pip install datasets`; it has not been run here.
-    "paper": Recipe(data="hh_chosen", n_harmful=0, n_harmless=0, n_hh=10_000, response_tokens=0,
-                    max_seq_len=512, epsilon=8.0, attack_steps=6, lat_layer=4, lora_r=64, lora_alpha=64,
-                    lora_dropout=0.1, target_modules=("q_proj", "v_proj"), lr=5e-6, weight_decay=6e-4,
-                    max_grad_norm=0.25, warmup_ratio=0.03, epochs=1, batch_size=2, seed=42,
-                    adapters="adapters/paper"),
-    # 2 CPU cores, offline; 64 examples, 32 steps of 2 per arm. Casper's optimiser settings; the
-    # learning rate keeps the paper's lr x steps (5e-6 x 5000 = 0.025): 0.025 / 32 ~ 7.5e-4. LoRA
-    # r 8 with alpha = r (the paper: 64 / 64). LAT's block keeps the paper's proportion: block 4 of 32
-    # -> block 3 of 24. eps: 5 % of the perturbed layer's typical per-token norm, for each attacked arm
-    # (about 0.19 at the embeddings, 4.4 at block 3). One absolute eps for both, as the paper, does not
-    # transfer: the block-3 residual stream is ~22x the embeddings' norm, so an eps that moves block 3
-    # (4: loss x1.8) wipes out the embeddings (loss 0.8 -> 10.9, near-uniform over the vocabulary) and
-    # one that suits the embeddings leaves block 3 untouched (adapters/cpu/INTEGRATION.md).
-    "cpu": Recipe(data="refusal_mix", n_harmful=32, n_harmless=32, n_hh=0, response_tokens=48,
-                  max_seq_len=160, epsilon=0.05, epsilon_unit="token_norm", attack_steps=6, lat_layer=3,
-                  lora_r=8, lora_alpha=8, lora_dropout=0.1, target_modules=("q_proj", "v_proj"), lr=7.5e-4,
-                  weight_decay=6e-4, max_grad_norm=0.25, warmup_ratio=0.03, epochs=1, batch_size=2, seed=0,
-                  adapters="adapters/cpu"),
-    # Tests and the papermill smoke run: seconds; every number is meaningless.
-    "tiny": Recipe(data="refusal_mix", n_harmful=6, n_harmless=6, n_hh=0, response_tokens=6,
-                   max_seq_len=256, epsilon=0.5, attack_steps=3, lat_layer=2, lora_r=4, lora_alpha=8,
-                   lora_dropout=0.0, target_modules=("q_proj", "v_proj"), lr=1e-2, weight_decay=0.0,
-                   max_grad_norm=1.0, warmup_ratio=0.0, epochs=1, batch_size=4, seed=0,
-                   adapters="runs/tiny/adapters"),
-}
-
-
 def recipe(profile: H.Profile, overrides: dict | None = None) -> Recipe:
-    """The profile's recipe: RECIPES[profile.name], then the profile's `training:` mapping (once
-    helpers.Profile has one), then `overrides` (e.g. {"epsilon": 0.0} in tests)."""
-    if profile.name not in RECIPES and not getattr(profile, "training", None):
+    """The profile's `training:` mapping, then `overrides` (e.g. {"epsilon": 0.0} in tests)."""
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    required = sorted(k for k, f in fields.items() if f.default is dataclasses.MISSING)
+    if not profile.training:
         raise H.ConfigError(f"profile '{profile.name}' has no training recipe; add a `training:` mapping "
-                            f"with the keys {[f.name for f in dataclasses.fields(Recipe)]}")
-    base = dataclasses.asdict(RECIPES.get(profile.name, RECIPES["cpu"]))
-    changes = {**(getattr(profile, "training", None) or {}), **(overrides or {})}
-    unknown = sorted(set(changes) - set(base))
-    if unknown:
-        raise H.ConfigError(f"training recipe: unknown key(s) {unknown}; valid keys: {sorted(base)}")
-    values = {**base, **changes}
+                            f"with the keys {required}")
+    values = {**profile.training, **(overrides or {})}
+    unknown, missing = sorted(set(values) - set(fields)), sorted(set(required) - set(values))
+    if unknown or missing:
+        raise H.ConfigError(f"training recipe of '{profile.name}': unknown key(s) {unknown}, missing key(s) {missing}; "
+                            f"valid keys: {sorted(fields)}")
+    for key, value in values.items():
+        want = fields[key].type
+        if want == "float" and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = float(value)
+        elif want in ("float", "int", "str") and not isinstance(values[key], {"float": float, "int": int, "str": str}[want]):
+            raise H.ConfigError(f"training recipe of '{profile.name}': key '{key}' must be {want}, got "
+                                f"{type(value).__name__} {value!r} (write floats as 6.0e-4: YAML reads 6e-4 as text)")
     values["target_modules"] = tuple(values["target_modules"])
     out = Recipe(**values)
     if out.epsilon_unit not in ("absolute", "token_norm"):

@@ -37,13 +37,14 @@ def test_hooks_are_removed_even_on_error(tiny_model):
 
 
 def _counting_loader(monkeypatch):
+    """Counts computations: activations() asks use_model for a model only when it must compute."""
     calls = []
-    real = H.load_model
+    real = H.use_model
 
     def loader(profile, role):
         calls.append((profile.template, role))
         return real(profile, role)
-    monkeypatch.setattr(H, "load_model", loader)
+    monkeypatch.setattr(H, "use_model", loader)
     return calls
 
 

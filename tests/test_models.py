@@ -69,3 +69,54 @@ def test_cpu_model_loads_offline_and_reads_the_newline():
     model, tok = H.load_model(profile, "base")
     assert (model.config.num_hidden_layers, model.config.hidden_size) == (24, 896)
     assert H.read_tokens(tok, profile, ["How do I bake bread?"]) == ["\n"]
+
+
+def _switching_profile(root):
+    """base + two adapters on it that touch different modules (q/v and q/o)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(1)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(root / "base"), LoraConfig(
+        r=2, target_modules=["q_proj", "o_proj"], init_lora_weights=False)).save_pretrained(root / "adapter2")
+    spec = {"source": "hub", "id": str(root / "base")}
+    return H.load_profile("tiny", {"models": {"base": spec, "A": {**spec, "adapter": str(root / "adapter")},
+                                              "B": {**spec, "adapter": str(root / "adapter2")}}})
+
+
+def test_use_model_switches_adapters_on_one_base_with_the_weights_of_a_fresh_load(local_hub):
+    profile = _switching_profile(local_hub)
+    fresh = {role: H.load_model(profile, role)[0].state_dict() for role in profile.roles}
+    assert any(not torch.equal(fresh["A"][k], fresh["B"][k]) for k in fresh["A"])
+    H.release_models()
+    seen = set()
+    for role in ["A", "base", "B", "A", "B", "base", "A"]:
+        model, _ = H.use_model(profile, role)
+        seen.add(id(model))
+        state = model.state_dict()
+        assert state.keys() == fresh[role].keys()
+        assert all(torch.equal(state[k], fresh[role][k]) for k in state), f"{role}: weights differ from a fresh load"
+        del model
+    assert len(seen) == 1, "the base must be loaded once"
+    H.release_models()
+
+
+def test_use_model_never_reuses_a_model_whose_weights_were_edited(local_hub):
+    profile = _switching_profile(local_hub)
+    model, _ = H.use_model(profile, "A")
+    H.orthogonalize_(model, torch.ones(32))
+    edited = id(model)
+    del model
+    again, _ = H.use_model(profile, "A")
+    assert id(again) != edited
+    fresh = H.load_model(profile, "A")[0].state_dict()
+    assert all(torch.equal(v, fresh[k]) for k, v in again.state_dict().items())
+    H.release_models()
+
+
+def test_cache_keys_change_when_a_local_adapter_is_retrained(local_hub):
+    profile = _profile(local_hub, local_hub / "adapter")
+    before = H.model_fingerprint(profile, "LAT")
+    weights = local_hub / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")
+    assert H.model_fingerprint(profile, "LAT")["adapter_sha256"] != before["adapter_sha256"]
+    assert "adapter_sha256" not in H.model_fingerprint(profile, "base")

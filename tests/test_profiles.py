@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 import helpers as H
@@ -48,3 +50,26 @@ def test_nf4_without_cuda_says_what_to_do(monkeypatch):
     profile = H.load_profile("tiny", {"quantization": "nf4"})
     with pytest.raises(H.ConfigError, match="needs CUDA.*'quantization': 'none'"):
         H.load_model(profile, "base")
+
+
+def test_every_profile_has_a_training_recipe_of_the_right_types():
+    import training as T
+    for name in H.available_profiles():
+        rec = T.recipe(H.load_profile(name))
+        assert isinstance(rec.lr, float) and isinstance(rec.weight_decay, float), name
+
+
+def test_a_float_written_as_yaml_text_is_a_clear_error():
+    import training as T
+    profile = H.load_profile("tiny")
+    with pytest.raises(H.ConfigError, match="key 'lr' must be float, got str '6e-4'"):
+        T.recipe(profile, {"lr": "6e-4"})
+
+
+def test_cpu_profile_is_the_controlled_trio_on_one_base():
+    cpu = H.load_profile("cpu")
+    assert cpu.roles == ["base", "SFT", "AT", "LAT"]
+    bases = {H.stable_hash(dataclasses.asdict(dataclasses.replace(s, adapter=None))) for s in cpu.models.values()}
+    assert len(bases) == 1, "all four roles must share one base (use_model switches adapters)"
+    for role in cpu.roles[1:]:
+        assert (H.REPO / cpu.models[role].adapter / "adapter_model.safetensors").is_file()
