@@ -667,9 +667,13 @@ def block_inputs(model, tokenizer, profile: Profile, instructions: list[str], de
     for start in tqdm(range(0, len(instructions), profile.batch_size), desc=desc or "activations", leave=False):
         batch = tokenize(tokenizer, profile, instructions[start:start + profile.batch_size], device,
                          max_length=context_length(model))
+        ids, mask, cache = batch["input_ids"], batch["attention_mask"], None
+        if profile.read_position < 0:  # the common start of the prompts once, outside the capture
+            ids, mask, cache = prefill_shared_prefix(model, ids, mask, keep=-profile.read_position)
+        rest = ids.shape[1] - (cache.get_seq_length() if cache is not None else 0)
         with capture_block_inputs(model, profile.read_position) as captured:
-            trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  position_ids=position_ids(batch["attention_mask"]), use_cache=False)
+            trunk(input_ids=ids[:, -rest:], attention_mask=mask, position_ids=position_ids(mask)[:, -rest:],
+                  cache=cache, use_cache=cache is not None)
         chunks.append(torch.stack([layer[0] for layer in captured], dim=1))
     return torch.cat(chunks)
 
@@ -1043,19 +1047,52 @@ def orthogonalize_(model, direction: torch.Tensor):
 #     64, no stop at end-of-sequence) unless stop_at_eos.
 
 @torch.no_grad()
+def prefill_shared_prefix(model, input_ids, attention_mask, keep: int = 1):
+    """Chat templates start every prompt with the same tokens (Qwen's default system prompt: about
+    half of each `cpu` prompt). Run them once, for one row, and copy their KV cache across the batch.
+    The batch is rearranged as [shared prefix | left padding | rest]; the attention mask and the
+    mask-derived positions make that layout equivalent to plain left padding (tests compare tokens).
+    Every row keeps at least `keep` tokens of its own (the read position must stay in the rest).
+    Returns (ids, mask, cache), or the inputs and None when fewer than two tokens are shared."""
+    lengths = attention_mask.sum(1).tolist()
+    if len(input_ids) < 2 or not bool(attention_mask[:, -1].all()):  # needs a left-padded batch
+        return input_ids, attention_mask, None
+    rows = [ids[len(ids) - n:] for ids, n in zip(input_ids, lengths)]
+    shortest = min(lengths)
+    agree = torch.stack([r[:shortest] for r in rows]).eq(rows[0][:shortest]).all(0).tolist() + [False]
+    shared = min(agree.index(False), shortest - keep)
+    if shared < 2:
+        return input_ids, attention_mask, None
+    prefix = rows[0][None, :shared]
+    positions = torch.arange(shared, device=prefix.device)[None]
+    cache = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), position_ids=positions,
+                  use_cache=True, logits_to_keep=1).cache
+    cache.batch_repeat_interleave(len(rows))
+    rests = [r[shared:] for r in rows]
+    width = max(len(r) for r in rests)
+    rest_ids = torch.zeros(len(rows), width, dtype=input_ids.dtype, device=input_ids.device)
+    rest_mask = torch.zeros(len(rows), width, dtype=attention_mask.dtype, device=attention_mask.device)
+    for i, r in enumerate(rests):
+        rest_ids[i, width - len(r):], rest_mask[i, width - len(r):] = r, 1
+    ids = torch.cat([prefix.expand(len(rows), -1), rest_ids], dim=1)
+    mask = torch.cat([torch.ones_like(ids[:, :shared], dtype=attention_mask.dtype), rest_mask], dim=1)
+    return ids, mask, cache
+
+
 def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, use_cache: bool = True,
-                  eos_token_id: int | None = None) -> torch.Tensor:
+                  eos_token_id: int | None = None, share_prefix: bool = True) -> torch.Tensor:
     """[batch, max_new_tokens] greedy continuation. use_cache=False recomputes the whole sequence at
     every step, as the paper's loop did (the golden reference for the KV-cached path). With
-    eos_token_id, sequences that emitted it continue with pad = eos and the loop ends when all have."""
-    ids, mask = input_ids, attention_mask
-    past, new_tokens = None, []
+    eos_token_id, sequences that emitted it continue with pad = eos and the loop ends when all have.
+    With the KV cache, a prefix shared by every prompt is computed once (prefill_shared_prefix)."""
+    ids, mask, past = input_ids, attention_mask, None
+    if use_cache and share_prefix:
+        ids, mask, past = prefill_shared_prefix(model, ids, mask)
+    step_ids = ids if past is None else ids[:, past.get_seq_length():]
+    new_tokens = []
     done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
-    step_ids = ids
     for _ in range(max_new_tokens):
-        positions = position_ids(mask)
-        if use_cache and past is not None:
-            positions = positions[:, -1:]
+        positions = position_ids(mask)[:, -step_ids.shape[1]:]
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
                     cache=past, use_cache=use_cache, logits_to_keep=1)  # lm_head on the last token only
         token = out.logits[:, -1].argmax(-1)
@@ -1424,7 +1461,10 @@ def last_token_logprobs(model, tokenizer, profile: Profile, instructions: list[s
     out = []
     for start in range(0, len(instructions), profile.batch_size):
         batch = tokenize(tokenizer, profile, instructions[start:start + profile.batch_size], device)
-        logits = model(**batch, position_ids=position_ids(batch["attention_mask"]), logits_to_keep=1).logits[:, -1]
+        ids, mask, cache = prefill_shared_prefix(model, batch["input_ids"], batch["attention_mask"])
+        rest = ids.shape[1] - (cache.get_seq_length() if cache is not None else 0)
+        logits = model(input_ids=ids[:, -rest:], attention_mask=mask, position_ids=position_ids(mask)[:, -rest:],
+                       cache=cache, use_cache=cache is not None, logits_to_keep=1).logits[:, -1]
         out.append(torch.log_softmax(logits.double(), -1).cpu())
     return torch.cat(out)
 

@@ -19,6 +19,11 @@ def test_ablation_zeroes_every_residual_attention_and_mlp_write(tiny, tiny_model
     unit = r / r.norm()
     seen = []
     batch = H.tokenize(tok, tiny, PROMPTS)
+
+    def hook_counts():  # transformers keeps its own output-capturing hooks once output_hidden_states was asked
+        return [(len(layer._forward_pre_hooks), len(layer.self_attn._forward_hooks), len(layer.mlp._forward_hooks))
+                for layer in H.decoder_layers(model)]
+    before = hook_counts()
     with H.ablation(model, r):
         observers = []  # registered after the ablation hooks, so they see what the model computes with
         for layer in H.decoder_layers(model):
@@ -36,8 +41,7 @@ def test_ablation_zeroes_every_residual_attention_and_mlp_write(tiny, tiny_model
     assert {kind for kind, _ in seen} == {"resid_pre", "attn", "mlp", "resid_post"}
     assert len(seen) == 4 * model.config.num_hidden_layers
     assert max(proj.abs().max().item() for _, proj in seen) <= 1e-5
-    assert all(not layer._forward_pre_hooks and not layer.self_attn._forward_hooks and not layer.mlp._forward_hooks
-               for layer in H.decoder_layers(model)), "hooks must be gone after the context"
+    assert hook_counts() == before, "hooks must be gone after the context"
 
 
 def test_hooks_removed_on_error(tiny_model):
@@ -73,6 +77,30 @@ def test_kv_cached_generation_equals_the_recompute_loop(tiny, tiny_model, ablate
         recomputed = H.greedy_tokens(model, batch["input_ids"], batch["attention_mask"], 12, use_cache=False)
     assert cached.shape == (len(PROMPTS), 12)
     assert torch.equal(cached, recomputed)
+
+
+@pytest.mark.parametrize("ablate", [False, True])
+def test_shared_prefix_prefill_gives_the_same_tokens(tiny_model, ablate):
+    model, tok = tiny_model
+    system = H.load_profile("tiny", {"template": "System: answer briefly.\nUser: {prompt}\nAssistant:"})
+    batch = H.tokenize(tok, system, PROMPTS)
+    ids, mask, cache = H.prefill_shared_prefix(model, batch["input_ids"], batch["attention_mask"])
+    shared = cache.get_seq_length()
+    assert shared >= 2 and (ids[:, :shared] == ids[0, :shared]).all()  # the chat template's common start
+    assert torch.equal(mask.sum(1), batch["attention_mask"].sum(1))  # same real tokens, rearranged
+    with H.ablation(model, _direction(model, 2) if ablate else None):
+        shared_tokens = H.greedy_tokens(model, batch["input_ids"], batch["attention_mask"], 12)
+        plain = H.greedy_tokens(model, batch["input_ids"], batch["attention_mask"], 12, share_prefix=False)
+        recomputed = H.greedy_tokens(model, batch["input_ids"], batch["attention_mask"], 12, use_cache=False)
+    assert torch.equal(shared_tokens, plain) and torch.equal(plain, recomputed)
+
+
+def test_nothing_shared_falls_back_to_plain_prefill(tiny_model):
+    model, _ = tiny_model
+    ids = torch.tensor([[5, 6, 7], [8, 6, 7]])
+    mask = torch.ones_like(ids)
+    assert H.prefill_shared_prefix(model, ids, mask)[2] is None
+    assert H.prefill_shared_prefix(model, ids[:1], mask[:1])[2] is None  # one prompt: nothing to share
 
 
 def test_generation_batch_equals_one_by_one(tiny, tiny_model):

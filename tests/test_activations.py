@@ -87,3 +87,17 @@ def test_nan_activations_name_model_and_layer():
     acts[1, 2, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="model 'LAT', set 'eval': NaN/Inf activations at layer 2"):
         H.check_finite(acts, "LAT", "eval")
+
+
+def test_shared_prefix_capture_equals_output_hidden_states(tiny_model):
+    """A template with a common start: block_inputs runs it once (prefill_shared_prefix) and must
+    still read every prompt's own last token."""
+    model, tok = tiny_model
+    system = H.load_profile("tiny", {"template": "System: answer briefly.\nUser: {prompt}\nAssistant:"})
+    batch = H.tokenize(tok, system, PROMPTS)
+    assert H.prefill_shared_prefix(model, batch["input_ids"], batch["attention_mask"])[2] is not None
+    shared = H.block_inputs(model, tok, system, PROMPTS)
+    with torch.no_grad():
+        out = model(**batch, position_ids=H.position_ids(batch["attention_mask"]), output_hidden_states=True)
+    for layer in range(model.config.num_hidden_layers):
+        torch.testing.assert_close(shared[:, layer], out.hidden_states[layer][:, -1], atol=1e-5, rtol=0)

@@ -70,3 +70,14 @@ def test_selection_scores_on_tiny(tiny, tiny_model, tmp_path):
     scores = H.selection_scores(model, tok, tiny, H.refusal_directions(acts),
                                 H.mean_difference(acts["harmful"], acts["harmless"]), val, [1, 2, 3])
     assert list(scores.layer) == [1, 2, 3] and (scores.kl >= 0).all()
+
+
+def test_shared_prefix_logprobs_equal_a_plain_forward(tiny_model):
+    model, tok = tiny_model
+    system = H.load_profile("tiny", {"template": "System: answer briefly.\nUser: {prompt}\nAssistant:"})
+    batch = H.tokenize(tok, system, PROMPTS)
+    assert H.prefill_shared_prefix(model, batch["input_ids"], batch["attention_mask"])[2] is not None
+    with torch.no_grad():
+        plain = model(**batch, position_ids=H.position_ids(batch["attention_mask"])).logits[:, -1]
+    shared = H.last_token_logprobs(model, tok, system, PROMPTS)
+    torch.testing.assert_close(shared, torch.log_softmax(plain.double(), -1), atol=1e-5, rtol=0)
