@@ -670,10 +670,8 @@ def block_inputs(model, tokenizer, profile: Profile, instructions: list[str], de
         ids, mask, cache = batch["input_ids"], batch["attention_mask"], None
         if profile.read_position < 0:  # the common start of the prompts once, outside the capture
             ids, mask, cache = prefill_shared_prefix(model, ids, mask, keep=-profile.read_position)
-        rest = ids.shape[1] - (cache.get_seq_length() if cache is not None else 0)
         with capture_block_inputs(model, profile.read_position) as captured:
-            trunk(input_ids=ids[:, -rest:], attention_mask=mask, position_ids=position_ids(mask)[:, -rest:],
-                  cache=cache, use_cache=cache is not None)
+            forward_after_prefix(trunk, ids, mask, cache)
         chunks.append(torch.stack([layer[0] for layer in captured], dim=1))
     return torch.cat(chunks)
 
@@ -1079,6 +1077,14 @@ def prefill_shared_prefix(model, input_ids, attention_mask, keep: int = 1):
     return ids, mask, cache
 
 
+def forward_after_prefix(module, ids, mask, cache, **kwargs):
+    """One forward pass of `module` (model or trunk) over the tokens after the cached prefix, or over
+    all of them when `cache` is None (nothing was shared)."""
+    rest = ids.shape[1] - (cache.get_seq_length() if cache is not None else 0)
+    return module(input_ids=ids[:, -rest:], attention_mask=mask, position_ids=position_ids(mask)[:, -rest:],
+                  cache=cache, use_cache=cache is not None, **kwargs)
+
+
 def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, use_cache: bool = True,
                   eos_token_id: int | None = None, share_prefix: bool = True) -> torch.Tensor:
     """[batch, max_new_tokens] greedy continuation. use_cache=False recomputes the whole sequence at
@@ -1462,9 +1468,7 @@ def last_token_logprobs(model, tokenizer, profile: Profile, instructions: list[s
     for start in range(0, len(instructions), profile.batch_size):
         batch = tokenize(tokenizer, profile, instructions[start:start + profile.batch_size], device)
         ids, mask, cache = prefill_shared_prefix(model, batch["input_ids"], batch["attention_mask"])
-        rest = ids.shape[1] - (cache.get_seq_length() if cache is not None else 0)
-        logits = model(input_ids=ids[:, -rest:], attention_mask=mask, position_ids=position_ids(mask)[:, -rest:],
-                       cache=cache, use_cache=cache is not None, logits_to_keep=1).logits[:, -1]
+        logits = forward_after_prefix(model, ids, mask, cache, logits_to_keep=1).logits[:, -1]
         out.append(torch.log_softmax(logits.double(), -1).cpu())
     return torch.cat(out)
 
