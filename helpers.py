@@ -967,26 +967,34 @@ def direction_cosines(dirs_by_role: dict, layer: int) -> "pd.DataFrame":
 #    and MLP output, at every position. Hooks live only inside the context manager.
 
 def _unit_direction(model, direction: torch.Tensor) -> torch.Tensor:
+    """r / |r| in float64: a [d] vector, or a [rows, d] matrix with one direction per batch row
+    (generation_units batches several units that way). A zero direction ablates nothing."""
     width = model.config.hidden_size
-    if direction.ndim != 1 or direction.shape[0] != width:
+    if direction.ndim not in (1, 2) or direction.shape[-1] != width:
         raise ConfigError(f"direction has shape {tuple(direction.shape)} but the model's residual width is {width}; "
                           f"use a direction from a model with the same d_model")
     direction = direction.double()
-    norm = direction.norm()
-    if not torch.isfinite(norm):
+    norm = direction.norm(dim=-1, keepdim=True)
+    if not torch.isfinite(norm).all():
         raise ConfigError("direction is not finite (NaN/Inf); recompute the activations it came from")
-    return direction / norm if norm > 0 else direction  # a zero direction ablates nothing
+    return direction / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
 def _project_out(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     r = r.to(device=x.device, dtype=x.dtype)  # a no-op when the caller already cast it
+    if r.ndim == 2:  # one direction per batch row: x is [rows, seq, d]
+        if x.shape[0] != r.shape[0]:
+            raise ConfigError(f"{r.shape[0]} per-row directions for a batch of {x.shape[0]}; pass one per prompt")
+        r = r[:, None, :]
+        return x - (x * r).sum(-1, keepdim=True) * r
     return x - (x @ r).unsqueeze(-1) * r
 
 
 @contextmanager
 def ablation(model, direction: torch.Tensor | None):
     """Project `direction` out of the residual stream everywhere while the block runs.
-    None means no intervention (so callers can treat the no-ablation baseline uniformly)."""
+    None means no intervention (so callers can treat the no-ablation baseline uniformly); a
+    [rows, d] matrix ablates one direction per batch row (zero rows: no intervention)."""
     if direction is None:
         yield
         return
@@ -1025,6 +1033,8 @@ def ablation(model, direction: torch.Tensor | None):
 def orthogonalize_(model, direction: torch.Tensor):
     """The same map folded into the weights, in place: every matrix that writes to the residual
     stream (embedding, attention out-projection, MLP down-projection) loses its r component."""
+    if direction.ndim != 1:
+        raise ConfigError("orthogonalize_ folds one direction into the weights; pass a [d] vector, not one per row")
     r = _unit_direction(model, direction)
     model._weights_edited = True  # use_model will not hand this model out again
     embed = model.get_input_embeddings()
@@ -1117,18 +1127,24 @@ def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, use_cac
 
 def generate(model, tokenizer, profile: Profile, instructions: list[str], direction: torch.Tensor | None = None,
              stop_at_eos: bool = False, desc: str = "") -> list[str]:
-    """Greedy completions of `instructions`, with `direction` ablated everywhere when given."""
+    """Greedy completions of `instructions`, with `direction` ablated everywhere when given: one [d]
+    vector for all of them, or a [len(instructions), d] matrix, one direction per prompt."""
     from tqdm import tqdm
     require_prompts(instructions, desc)
+    if direction is not None and direction.ndim == 2 and len(direction) != len(instructions):
+        raise ConfigError(f"{len(direction)} directions for {len(instructions)} prompts; pass one per prompt")
+    per_row = direction is not None and direction.ndim == 2
     device = next(model.parameters()).device
     completions = []
-    with ablation(model, direction):
-        for start in tqdm(range(0, len(instructions), profile.batch_size), desc=desc or "generate", leave=False):
-            batch = tokenize(tokenizer, profile, instructions[start:start + profile.batch_size], device,
-                             max_length=context_length(model) - profile.max_new_tokens)
+    for start in tqdm(range(0, len(instructions), profile.batch_size), desc=desc or "generate", leave=False):
+        rows = slice(start, start + profile.batch_size)
+        batch = tokenize(tokenizer, profile, instructions[rows], device,
+                         max_length=context_length(model) - profile.max_new_tokens)
+        with ablation(model, direction[rows] if per_row else direction):
             tokens = greedy_tokens(model, batch["input_ids"], batch["attention_mask"], profile.max_new_tokens,
-                                   eos_token_id=tokenizer.eos_token_id if stop_at_eos else None)
-            completions += tokenizer.batch_decode(tokens, skip_special_tokens=True)
+                                   eos_token_id=tokenizer.eos_token_id if stop_at_eos else None,
+                                   share_prefix=not per_row)  # the shared prefix runs as one row
+        completions += tokenizer.batch_decode(tokens, skip_special_tokens=True)
     return completions
 
 
@@ -1168,10 +1184,22 @@ def read_unit(path: Path, key_hash: str) -> list[dict] | None:
         return None
 
 
+def unit_groups(pending: list, n_prompts: int, batch_size: int) -> list[list]:
+    """Split one model's pending units into as few generation batches as batch_size allows, of even
+    size: on a CPU a 320-row batch decodes about 1.4x faster per row than a 64-row one (BENCHMARKS.md).
+    With batch_size < 2 x n_prompts every unit runs on its own."""
+    per_batch = max(1, batch_size // max(1, n_prompts))
+    n_groups = -(-len(pending) // per_batch)
+    size = -(-len(pending) // max(1, n_groups))
+    return [pending[i:i + size] for i in range(0, len(pending), size)]
+
+
 def generation_units(profile: Profile, run: Path, prompts: list[str], dirs_by_role: dict,
                      units: list[tuple[str, str, int | None]], stop_at_eos: bool = False, kind: str = "eval") -> dict:
     """Completions for each (target, source, layer) unit; source NO_ABLATION means no intervention.
-    Finished units are read back; the rest are generated target by target (one model in memory)."""
+    Finished units are read back; the rest are generated target by target (one model in memory), several
+    units of a target in one batch when batch_size holds them (one direction per row), each written as
+    soon as its batch is done."""
     results, todo = {}, {}
     for target, source, layer in units:
         model_role_spec(profile, target)
@@ -1190,15 +1218,25 @@ def generation_units(profile: Profile, run: Path, prompts: list[str], dirs_by_ro
             todo.setdefault(target, []).append((source, layer, direction, key, path))
     for target, pending in todo.items():
         model, tokenizer = use_model(profile, target)
-        for source, layer, direction, key, path in pending:
+        for group in unit_groups(pending, len(prompts), profile.batch_size):
             started = time.time()
-            texts = generate(model, tokenizer, profile, prompts, direction, stop_at_eos,
-                             desc=f"{target} <- {source}" + ("" if layer is None else f" L{layer}"))
-            rows = [{"i": i, "prompt": p, "completion": c} for i, (p, c) in enumerate(zip(prompts, texts))]
-            _atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
-            _atomic_write_bytes(path.with_suffix(".json"), json.dumps(
-                {"hash": stable_hash(key), "key": key, "seconds": round(time.time() - started, 1)}, indent=1).encode())
-            results[(target, source, layer)] = rows
+            if len(group) == 1:
+                directions = group[0][2]
+            else:  # one direction per row; a zero row means no ablation
+                directions = torch.stack([torch.zeros(model.config.hidden_size) if d is None else d.float()
+                                          for _, _, d, _, _ in group for _ in prompts])
+            names = ", ".join(source + ("" if layer is None else f" L{layer}") for source, layer, *_ in group)
+            texts = generate(model, tokenizer, profile, prompts * len(group), directions, stop_at_eos,
+                             desc=f"{target} <- {names}")
+            seconds = round((time.time() - started) / len(group), 1)
+            for i, (source, layer, direction, key, path) in enumerate(group):
+                rows = [{"i": j, "prompt": p, "completion": c}
+                        for j, (p, c) in enumerate(zip(prompts, texts[i * len(prompts):(i + 1) * len(prompts)]))]
+                _atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+                _atomic_write_bytes(path.with_suffix(".json"), json.dumps(
+                    {"hash": stable_hash(key), "key": key, "seconds": seconds, "units_in_batch": len(group)},
+                    indent=1).encode())
+                results[(target, source, layer)] = rows
         del model  # the next use_model may load another model
     return {u: results[u] for u in units}
 

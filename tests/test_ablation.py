@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -170,3 +171,51 @@ def test_transfer_scores_and_mcnemar(tiny, tmp_path):
     tests = H.mcnemar_table(results)
     assert len(tests) == 2 * 3  # per target: 3 cells -> 3 pairs
     assert tests.p_value.between(0, 1).all()
+
+
+def test_one_direction_per_row_equals_separate_runs(tiny, tiny_model):
+    """Several units in one batch (generation_units on cpu) give each unit's own tokens and hidden
+    states: a zero row is no ablation, other rows their own direction."""
+    model, tok = tiny_model
+    d1, d2 = _direction(model, 1), _direction(model, 2)
+    separate = (H.generate(model, tok, tiny, PROMPTS) + H.generate(model, tok, tiny, PROMPTS, d1)
+                + H.generate(model, tok, tiny, PROMPTS, d2))
+    rows = torch.stack([torch.zeros_like(d1)] * 3 + [d1] * 3 + [d2] * 3)
+    wide = dataclasses.replace(tiny, batch_size=9)
+    assert H.generate(model, tok, wide, PROMPTS * 3, rows) == separate
+    batch = H.tokenize(tok, tiny, PROMPTS * 2)
+    with H.ablation(model, torch.stack([d1] * 3 + [d2] * 3)):
+        together = model(**batch).logits
+    for part, d in ((slice(0, 3), d1), (slice(3, 6), d2)):
+        with H.ablation(model, d):
+            alone = model(**H.tokenize(tok, tiny, PROMPTS)).logits
+        mask = batch["attention_mask"][part].bool()
+        torch.testing.assert_close(together[part][mask], alone[H.tokenize(tok, tiny, PROMPTS)["attention_mask"].bool()])
+
+
+def test_per_row_directions_must_match_the_batch(tiny, tiny_model):
+    model, tok = tiny_model
+    with pytest.raises(H.ConfigError, match="2 directions for 3 prompts; pass one per prompt"):
+        H.generate(model, tok, tiny, PROMPTS, torch.ones(2, model.config.hidden_size))
+    with pytest.raises(H.ConfigError, match="pass a \\[d\\] vector"):
+        H.orthogonalize_(copy.deepcopy(model), torch.ones(2, model.config.hidden_size))
+
+
+@pytest.mark.parametrize("n_units, n_prompts, batch_size, sizes", [
+    (5, 64, 320, [5]), (5, 64, 256, [3, 2]), (4, 32, 320, [4]), (3, 8, 4, [1, 1, 1]), (5, 64, 64, [1] * 5)])
+def test_unit_groups_fill_batches_evenly(n_units, n_prompts, batch_size, sizes):
+    groups = H.unit_groups(list(range(n_units)), n_prompts, batch_size)
+    assert [len(g) for g in groups] == sizes and sum(groups, []) == list(range(n_units))
+
+
+def test_grouped_units_equal_units_one_by_one(tiny, tmp_path, monkeypatch):
+    sets, dirs = _units_setup(tiny, tmp_path)
+    units = [("base", H.NO_ABLATION, None), ("base", "base", 2), ("base", "LAT", 1)]
+    alone = H.generation_units(tiny, tmp_path / "alone", sets.eval, dirs, units)
+    wide = dataclasses.replace(tiny, batch_size=len(sets.eval) * len(units))
+    calls = []
+    real = H.generate
+    monkeypatch.setattr(H, "generate", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
+    grouped = H.generation_units(wide, tmp_path / "grouped", sets.eval, dirs, units)
+    assert calls == ["base <- none, base L2, LAT L1"]
+    assert grouped == alone
