@@ -21,7 +21,7 @@ import torch
 from _util import H, bench_prompts, batches, compare, med, ratio, spread, table, unit_direction, verdict
 
 SIZES = {  # overhead: batch, tokens; speedup: batch, KV tokens, recompute tokens timed; scaling: batches, decode steps/round
-    "cpu": {"overhead": (4, 16), "speedup": (4, 64, 4), "scaling": ((8, 16, 32, 48, 64), 4)},
+    "cpu": {"overhead": (4, 16), "speedup": (4, 64, 4), "scaling": ((16, 64, 128, 320), 4)},
     "tiny": {"overhead": (4, 8), "speedup": (4, 64, 4), "scaling": ((2, 4, 8), 4)},
 }
 TARGET_OVERHEAD, TARGET_SPEEDUP = 0.10, 10.0
