@@ -186,11 +186,12 @@ def test_one_direction_per_row_equals_separate_runs(tiny, tiny_model):
     batch = H.tokenize(tok, tiny, PROMPTS * 2)
     with H.ablation(model, torch.stack([d1] * 3 + [d2] * 3)):
         together = model(**batch).logits
+    single = H.tokenize(tok, tiny, PROMPTS)
     for part, d in ((slice(0, 3), d1), (slice(3, 6), d2)):
         with H.ablation(model, d):
-            alone = model(**H.tokenize(tok, tiny, PROMPTS)).logits
+            alone = model(**single).logits
         mask = batch["attention_mask"][part].bool()
-        torch.testing.assert_close(together[part][mask], alone[H.tokenize(tok, tiny, PROMPTS)["attention_mask"].bool()])
+        torch.testing.assert_close(together[part][mask], alone[single["attention_mask"].bool()])
 
 
 def test_per_row_directions_must_match_the_batch(tiny, tiny_model):
