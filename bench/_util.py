@@ -67,15 +67,26 @@ def spread(xs) -> str:
     return f"{med(xs):.2f} s ({min(xs):.2f}-{max(xs):.2f})"
 
 
+def busy_cores(seconds: float = 2.0) -> float:
+    """Cores kept busy by other processes, from /proc/stat over `seconds` (the load average lags by
+    minutes: a job that just ended would still count). This process sleeps while it samples."""
+    def ticks():
+        with open("/proc/stat") as f:
+            values = [int(x) for x in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+    (total0, idle0), _, (total1, idle1) = ticks(), time.sleep(seconds), ticks()
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(1, total1 - total0))
+
+
 def set_threads(threads: str = "auto") -> str:
     """torch's CPU threads. "auto": the default (one per core) unless other processes already keep
     cores busy; then fewer, because OpenMP threads that wait on descheduled siblings at every op
     barrier make small ops (decode steps, hooks) several times slower. Returns a note for the report."""
     default = torch.get_num_threads()
     if threads == "auto":
-        busy = round(os.getloadavg()[0])
-        n = max(1, min(default, (os.cpu_count() or 1) - busy))
-        note = f"threads auto: {n} (1-min load average {os.getloadavg()[0]:.1f} before the bench, default {default})"
+        busy = busy_cores()
+        n = max(1, min(default, (os.cpu_count() or 1) - round(busy)))
+        note = f"threads auto: {n} ({busy:.1f} cores busy with other work before the bench, default {default})"
     else:
         n, note = int(threads), f"threads {threads} (default {default})"
     torch.set_num_threads(n)
@@ -194,7 +205,10 @@ def update_section(path: Path, name: str, body: str):
     text = path.read_text() if path.is_file() else PREAMBLE
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     block = f"{start}\n{body.strip()}\n{end}"
-    if start in text and end in text:
+    if (start in text) != (end in text):
+        raise ValueError(f"{path}: {start} and {end} must both be there or neither; restore the missing "
+                         f"marker (hand-written text belongs outside the markers)")
+    if start in text:
         head, rest = text.split(start, 1)
         text = head + block + rest.split(end, 1)[1]
     else:

@@ -1,0 +1,36 @@
+"""`make bench` on the tiny profile: every section runs and the recompute loop's timed steps give the
+KV-cached tokens (the timings themselves are meaningless on a tiny model and are not asserted)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+
+def test_tiny_bench_writes_every_section_and_the_recompute_steps_match(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    done = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--profile", "tiny", "--reps", "1",
+                           "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = out.read_text()
+    for heading in ("### Activation capture", "#### Overhead", "#### KV cache vs the paper's recompute loop",
+                    "#### Throughput per batch size", "### Notebook series"):
+        assert heading in text
+    speedup_rows = [line for line in text.splitlines() if line.startswith("| 4 |") or line.startswith("| 16 (paper) |")]
+    assert len(speedup_rows) == 2 and all(row.rstrip(" |").endswith("yes") for row in speedup_rows), speedup_rows
+    assert text.count("<!-- bench:tiny -->") == 1 and text.count("<!-- /bench:tiny -->") == 1
+
+
+def test_update_section_replaces_its_block_and_refuses_a_missing_end_marker(tmp_path):
+    import _util
+    path = tmp_path / "B.md"
+    path.write_text("# B\n\n<!-- bench:cpu -->\nold\n<!-- /bench:cpu -->\n\nhand-written\n")
+    _util.update_section(path, "cpu", "new")
+    assert path.read_text() == "# B\n\n<!-- bench:cpu -->\nnew\n<!-- /bench:cpu -->\n\nhand-written\n"
+    path.write_text("# B\n\n<!-- bench:cpu -->\nold, end marker lost\n")
+    with pytest.raises(ValueError, match="must both be there"):
+        _util.update_section(path, "cpu", "new")
+    assert "old, end marker lost" in path.read_text()  # nothing overwritten
