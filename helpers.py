@@ -1055,12 +1055,14 @@ def orthogonalize_(model, direction: torch.Tensor):
 #     64, no stop at end-of-sequence) unless stop_at_eos.
 
 @torch.no_grad()
-def prefill_shared_prefix(model, input_ids, attention_mask, keep: int = 1):
+def prefill_shared_prefix(model, input_ids, attention_mask, keep: int = 1, direction: torch.Tensor | None = None):
     """Chat templates start every prompt with the same tokens (Qwen's default system prompt: about
     half of each `cpu` prompt). Run them once, for one row, and copy their KV cache across the batch.
     The batch is rearranged as [shared prefix | left padding | rest]; the attention mask and the
     mask-derived positions make that layout equivalent to plain left padding (tests compare tokens).
     Every row keeps at least `keep` tokens of its own (the read position must stay in the rest).
+    `direction` is ablated while the prefix runs; with one direction per row ([rows, d]) the prefix
+    runs once per distinct direction and each row gets the cache of its own.
     Returns (ids, mask, cache), or the inputs and None when fewer than two tokens are shared."""
     lengths = attention_mask.sum(1).tolist()
     if len(input_ids) < 2 or not bool(attention_mask[:, -1].all()):  # needs a left-padded batch
@@ -1071,11 +1073,18 @@ def prefill_shared_prefix(model, input_ids, attention_mask, keep: int = 1):
     shared = min(agree.index(False), shortest - keep)
     if shared < 2:
         return input_ids, attention_mask, None
-    prefix = rows[0][None, :shared]
-    positions = torch.arange(shared, device=prefix.device)[None]
-    cache = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), position_ids=positions,
-                  use_cache=True, logits_to_keep=1).cache
-    cache.batch_repeat_interleave(len(rows))
+    per_row = direction is not None and direction.ndim == 2
+    distinct, row_of = torch.unique(direction, dim=0, return_inverse=True) if per_row else (direction, None)
+    prefix = rows[0][None, :shared].expand(len(distinct) if per_row else 1, -1)
+    positions = torch.arange(shared, device=prefix.device)[None].expand(len(prefix), -1)
+    with ablation(model, distinct):
+        cache = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), position_ids=positions,
+                      use_cache=True, logits_to_keep=1).cache
+    if per_row:
+        cache.batch_select_indices(row_of.to(prefix.device))
+    else:
+        cache.batch_repeat_interleave(len(rows))
+    prefix = prefix[:1]
     rests = [r[shared:] for r in rows]
     width = max(len(r) for r in rests)
     rest_ids = torch.zeros(len(rows), width, dtype=input_ids.dtype, device=input_ids.device)
@@ -1096,14 +1105,21 @@ def forward_after_prefix(module, ids, mask, cache, **kwargs):
 
 
 def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, use_cache: bool = True,
-                  eos_token_id: int | None = None, share_prefix: bool = True) -> torch.Tensor:
+                  eos_token_id: int | None = None, share_prefix: bool = True,
+                  direction: torch.Tensor | None = None) -> torch.Tensor:
     """[batch, max_new_tokens] greedy continuation. use_cache=False recomputes the whole sequence at
     every step, as the paper's loop did (the golden reference for the KV-cached path). With
     eos_token_id, sequences that emitted it continue with pad = eos and the loop ends when all have.
-    With the KV cache, a prefix shared by every prompt is computed once (prefill_shared_prefix)."""
+    With the KV cache, a prefix shared by every prompt is computed once (prefill_shared_prefix).
+    `direction` ([d], or [batch, d] one per row) is ablated throughout, as under ablation(model, direction)."""
     ids, mask, past = input_ids, attention_mask, None
     if use_cache and share_prefix:
-        ids, mask, past = prefill_shared_prefix(model, ids, mask)
+        ids, mask, past = prefill_shared_prefix(model, ids, mask, direction=direction)
+    with ablation(model, direction):
+        return _greedy_loop(model, ids, mask, past, max_new_tokens, use_cache, eos_token_id)
+
+
+def _greedy_loop(model, ids, mask, past, max_new_tokens, use_cache, eos_token_id):
     step_ids = ids if past is None else ids[:, past.get_seq_length():]
     new_tokens = []
     done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
@@ -1140,10 +1156,9 @@ def generate(model, tokenizer, profile: Profile, instructions: list[str], direct
         rows = slice(start, start + profile.batch_size)
         batch = tokenize(tokenizer, profile, instructions[rows], device,
                          max_length=context_length(model) - profile.max_new_tokens)
-        with ablation(model, direction[rows] if per_row else direction):
-            tokens = greedy_tokens(model, batch["input_ids"], batch["attention_mask"], profile.max_new_tokens,
-                                   eos_token_id=tokenizer.eos_token_id if stop_at_eos else None,
-                                   share_prefix=not per_row)  # the shared prefix runs as one row
+        tokens = greedy_tokens(model, batch["input_ids"], batch["attention_mask"], profile.max_new_tokens,
+                               eos_token_id=tokenizer.eos_token_id if stop_at_eos else None,
+                               direction=direction[rows] if per_row else direction)
         completions += tokenizer.batch_decode(tokens, skip_special_tokens=True)
     return completions
 
@@ -1152,7 +1167,7 @@ def generate(model, tokenizer, profile: Profile, instructions: list[str], direct
 # 11. Generation units: one JSONL per (target model, direction source, layer), written atomically
 #     as it finishes, so a killed run resumes at the unit it was in.
 
-GENERATION_VERSION = "generation-v1"
+GENERATION_VERSION = "generation-v2"  # v2: per-row units share the prompt prefix
 NO_ABLATION = "none"
 
 

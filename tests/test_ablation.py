@@ -194,6 +194,28 @@ def test_one_direction_per_row_equals_separate_runs(tiny, tiny_model):
         torch.testing.assert_close(together[part][mask], alone[single["attention_mask"].bool()])
 
 
+def test_per_row_directions_share_the_prefix_once_per_distinct_direction(tiny_model):
+    """generation_units' batches (one direction per row) still compute the template's common start
+    once per distinct direction: the tokens equal plain prefill, the recompute loop and separate runs."""
+    model, tok = tiny_model
+    system = H.load_profile("tiny", {"template": "System: answer briefly.\nUser: {prompt}\nAssistant:"})
+    d1, d2 = _direction(model, 1), _direction(model, 2)
+    rows = torch.stack([torch.zeros_like(d1)] * 3 + [d1] * 3 + [d2] * 3)
+    batch = H.tokenize(tok, system, PROMPTS * 3)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    _, _, cache = H.prefill_shared_prefix(model, ids, mask, direction=rows)
+    keys = cache.layers[-1].keys  # [rows, heads, prefix, head_dim]: the last layer sees every ablation
+    assert len(keys) == 9 and torch.equal(keys[0], keys[2]) and torch.equal(keys[3], keys[5])
+    assert not torch.equal(keys[0], keys[3]) and not torch.equal(keys[3], keys[6])
+    shared = H.greedy_tokens(model, ids, mask, 12, direction=rows)
+    plain = H.greedy_tokens(model, ids, mask, 12, direction=rows, share_prefix=False)
+    recomputed = H.greedy_tokens(model, ids, mask, 12, direction=rows, use_cache=False)
+    one = H.tokenize(tok, system, PROMPTS)
+    separate = torch.cat([H.greedy_tokens(model, one["input_ids"], one["attention_mask"], 12, direction=d)
+                          for d in (None, d1, d2)])
+    assert torch.equal(shared, plain) and torch.equal(plain, recomputed) and torch.equal(shared, separate)
+
+
 def test_per_row_directions_must_match_the_batch(tiny, tiny_model):
     model, tok = tiny_model
     with pytest.raises(H.ConfigError, match="2 directions for 3 prompts; pass one per prompt"):
