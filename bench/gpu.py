@@ -18,7 +18,6 @@ import gc
 import math
 import sys
 import time
-from contextlib import contextmanager
 
 import torch
 
@@ -169,40 +168,8 @@ def trunk_pass(model, batches, capture: bool):
     return torch.cat(chunks) if capture else None
 
 
-@contextmanager
-def ablation_r_on_device(model, direction):
-    """H.ablation with r cast to each (device, dtype) once instead of in every hook call: on CUDA
-    H._project_out's r.to(cuda) is a blocking host-to-device copy, 3 x n_layers times per step.
-    This is the change proposed for helpers.py; timed side by side with H.ablation."""
-    r64, cast = H._unit_direction(model, direction), {}
-
-    def project(x):
-        r = cast.get((x.device, x.dtype))
-        if r is None:
-            r = cast[(x.device, x.dtype)] = r64.to(device=x.device, dtype=x.dtype)
-        return x - (x @ r).unsqueeze(-1) * r
-
-    def pre_hook(module, args, kwargs):
-        if args:
-            return (project(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": project(kwargs["hidden_states"])}
-
-    def out_hook(module, args, output):
-        return (project(output[0]), *output[1:]) if isinstance(output, tuple) else project(output)
-
-    handles = []
-    try:
-        for layer in H.decoder_layers(model):
-            handles += [layer.register_forward_pre_hook(pre_hook, with_kwargs=True),
-                        layer.self_attn.register_forward_hook(out_hook), layer.mlp.register_forward_hook(out_hook)]
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def generate(model, batches, r, tokens: int, use_cache: bool = True, ablation=H.ablation):
-    with ablation(model, r):
+def generate(model, batches, r, tokens: int, use_cache: bool = True):
+    with H.ablation(model, r):
         return [H.greedy_tokens(model, b["input_ids"], b["attention_mask"], tokens, use_cache=use_cache)
                 for b in batches]
 
@@ -224,10 +191,8 @@ def bench_one(label, model, args, device, bandwidth, log):
     log(f"[{label}] generation {args.eval_prompts} x {n}, batch {args.gen_batch}")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    tg = compare({"kv": lambda: generate(model, gen, r, n),
-                  "kv_fix": lambda: generate(model, gen, r, n, ablation=ablation_r_on_device)}, args.reps,
-                 {"kv": lambda: generate(model, warm, r, 2),
-                  "kv_fix": lambda: generate(model, warm, r, 2, ablation=ablation_r_on_device)}, sync=sync, log=log)
+    tg = compare({"kv": lambda: generate(model, gen, r, n)}, args.reps, {"kv": lambda: generate(model, warm, r, 2)},
+                 sync=sync, log=log)
     peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == "cuda" else "-"
     log(f"[{label}] one batch of {args.recompute_batch}: KV vs recompute, {n} tokens")
     tr = compare({"kv": lambda: generate(model, one, r, n), "rec": lambda: generate(model, one, r, n, False)},
@@ -235,8 +200,7 @@ def bench_one(label, model, args, device, bandwidth, log):
                  sync=sync, log=log)
     batches_paper = args.eval_prompts / args.recompute_batch
     rec_total = med(tr["rec"]) * batches_paper
-    same = all(torch.equal(a, b) for a, b in zip(generate(model, warm, r, 8),
-                                                  generate(model, warm, r, 8, ablation=ablation_r_on_device)))
+    same = all(torch.equal(a, b) for a, b in zip(generate(model, warm, r, 8), generate(model, warm, r, 8, False)))
     read = weight_bytes(model) - model.get_input_embeddings().weight.nbytes  # a step reads all but the embedding
     floor = len(gen) * n * read / bandwidth
     seconds = med(tg["kv"])
@@ -245,15 +209,12 @@ def bench_one(label, model, args, device, bandwidth, log):
          f"{spread(tc['capture'])} vs {spread(tc['bare'])}"],
         [label, f"**{args.eval_prompts} x {n} ablated, KV cache, batch {args.gen_batch}**", f"**{seconds:.1f} s**",
          f"{spread(tg['kv'])}; peak memory {peak}; {verdict(seconds <= TARGET_SECONDS)} (<= {TARGET_SECONDS:.0f} s)"],
-        [label, "same, r cast to the device once (proposed H.ablation fix)", f"{med(tg['kv_fix']):.1f} s",
-         f"{spread(tg['kv_fix'])}; {ratio(tg, 'kv_fix', 'kv'):.3f}x H.ablation's time; same tokens: "
-         f"{'yes' if same else '**NO**'}"],
         [label, f"floor: {len(gen)} batches x {n} steps x {read / 2**30:.2f} GiB / {bandwidth / 1e9:.0f} GB/s",
          f"{floor:.2f} s", f"KV run = {seconds / floor:.1f}x the floor"],
         [label, f"recompute loop, batch {args.recompute_batch}, x {batches_paper:.1f} batches (extrapolated)",
          f"{rec_total:.0f} s", f"one batch {spread(tr['rec'])}"],
         [label, f"KV vs recompute, same batch of {args.recompute_batch}", f"{ratio(tr, 'rec', 'kv'):.1f}x",
-         f"KV one batch {spread(tr['kv'])}"],
+         f"KV one batch {spread(tr['kv'])}; first 8 tokens equal (2 prompts): {'yes' if same else '**NO**'}"],
         [label, f"our {args.eval_prompts} x {n} vs the paper's loop (batch {args.recompute_batch})",
          f"{rec_total / seconds:.0f}x", ""],
     ]

@@ -34,3 +34,13 @@ def test_update_section_replaces_its_block_and_refuses_a_missing_end_marker(tmp_
     with pytest.raises(ValueError, match="must both be there"):
         _util.update_section(path, "cpu", "new")
     assert "old, end marker lost" in path.read_text()  # nothing overwritten
+
+
+def test_gpu_script_dry_run_on_cpu():
+    """bench/gpu.py --tiny runs every code path the GPU run takes (tiny Llama config, CPU); the KV
+    cache and the recompute loop agree on the tokens."""
+    done = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--tiny"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "first 8 tokens equal (2 prompts): yes" in done.stdout
+    assert "ablated, KV cache" in done.stdout and "floor:" in done.stdout
