@@ -1075,16 +1075,16 @@ def prefill_shared_prefix(model, input_ids, attention_mask, keep: int = 1, direc
         return input_ids, attention_mask, None
     per_row = direction is not None and direction.ndim == 2
     distinct, row_of = torch.unique(direction, dim=0, return_inverse=True) if per_row else (direction, None)
-    prefix = rows[0][None, :shared].expand(len(distinct) if per_row else 1, -1)
-    positions = torch.arange(shared, device=prefix.device)[None].expand(len(prefix), -1)
+    prefix = rows[0][None, :shared]
+    prefix_rows = prefix.expand(len(distinct) if per_row else 1, -1)  # one row per distinct direction
+    positions = torch.arange(shared, device=prefix.device)[None].expand(len(prefix_rows), -1)
     with ablation(model, distinct):
-        cache = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), position_ids=positions,
+        cache = model(input_ids=prefix_rows, attention_mask=torch.ones_like(prefix_rows), position_ids=positions,
                       use_cache=True, logits_to_keep=1).cache
     if per_row:
         cache.batch_select_indices(row_of.to(prefix.device))
     else:
         cache.batch_repeat_interleave(len(rows))
-    prefix = prefix[:1]
     rests = [r[shared:] for r in rows]
     width = max(len(r) for r in rests)
     rest_ids = torch.zeros(len(rows), width, dtype=input_ids.dtype, device=input_ids.device)
@@ -1147,9 +1147,9 @@ def generate(model, tokenizer, profile: Profile, instructions: list[str], direct
     vector for all of them, or a [len(instructions), d] matrix, one direction per prompt."""
     from tqdm import tqdm
     require_prompts(instructions, desc)
-    if direction is not None and direction.ndim == 2 and len(direction) != len(instructions):
-        raise ConfigError(f"{len(direction)} directions for {len(instructions)} prompts; pass one per prompt")
     per_row = direction is not None and direction.ndim == 2
+    if per_row and len(direction) != len(instructions):
+        raise ConfigError(f"{len(direction)} directions for {len(instructions)} prompts; pass one per prompt")
     device = next(model.parameters()).device
     completions = []
     for start in tqdm(range(0, len(instructions), profile.batch_size), desc=desc or "generate", leave=False):

@@ -1,18 +1,41 @@
-"""Matrix-product throughput by row count on this CPU (why cpu batches 320 rows): F.linear of an
-[m, 896] batch against Qwen2.5-0.5B weight shapes, median of 5 after 2 warm-ups.
+"""Matrix-product throughput by row count on this CPU (why `cpu` batches 320 rows): F.linear of an
+[m, 896] batch against Qwen2.5-0.5B's MLP (4864 x 896) and LM-head (151936 x 896) weight shapes,
+float32, median of 5 after 2 warm-ups.
 
     .venv/bin/python bench/matmul_shapes.py
 """
-import torch, time
-def bench(f, flops):
-    for _ in range(2): f()
-    ts=[]
-    for _ in range(5):
-        s=time.perf_counter(); f(); ts.append(time.perf_counter()-s)
-    t=sorted(ts)[2]; return f"{t*1e3:.1f} ms {flops/t/1e9:.1f} GF/s"
-for m,k,n in [(64,896,4864),(128,896,4864),(256,896,4864),(64,896,151936),(128,896,151936)]:
-    a=torch.randn(m,k); w=torch.randn(n,k); wt=w.t().contiguous()
-    fl=2*m*k*n
-    print(m,k,n, "linear", bench(lambda: torch.nn.functional.linear(a,w), fl),
-          "| a@wt", bench(lambda: a@wt, fl),
-          "| wa^T", bench(lambda: (w@a.t()), fl))
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+WIDTH = 896
+SHAPES = {"MLP up/gate": 4864, "LM head": 151936}
+ROWS = {"MLP up/gate": (64, 128, 256, 320, 3328), "LM head": (64, 128, 320)}
+
+
+def seconds(fn, warmup: int = 2, reps: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name, out_features in SHAPES.items():
+        weight = torch.randn(out_features, WIDTH)
+        for m in ROWS[name]:
+            x = torch.randn(m, WIDTH)
+            t = seconds(lambda: F.linear(x, weight))
+            print(f"{name:12s} {m:5d} x {WIDTH} x {out_features}: {t * 1e3:8.1f} ms  "
+                  f"{2 * m * WIDTH * out_features / t / 1e9:6.1f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
