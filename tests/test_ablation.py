@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import helpers as H
+from refusal_lat import generation
 
 PROMPTS = ["Hi", "Write a long poem about the sea and the sky", "Name three colours, please."]
 
@@ -91,9 +92,8 @@ def test_shared_prefix_prefill_gives_the_same_tokens(tiny_model, ablate):
     assert torch.equal(mask.sum(1), batch["attention_mask"].sum(1))  # same real tokens, rearranged
     with H.ablation(model, _direction(model, 2) if ablate else None):
         shared_tokens = H.greedy_tokens(model, batch["input_ids"], batch["attention_mask"], 12)
-        plain = H.greedy_tokens(model, batch["input_ids"], batch["attention_mask"], 12, share_prefix=False)
         recomputed = H.greedy_tokens(model, batch["input_ids"], batch["attention_mask"], 12, use_cache=False)
-    assert torch.equal(shared_tokens, plain) and torch.equal(plain, recomputed)
+    assert torch.equal(shared_tokens, recomputed)
 
 
 def test_nothing_shared_falls_back_to_plain_prefill(tiny_model):
@@ -130,7 +130,7 @@ def test_direction_of_another_width_is_refused(tiny_model):
 def _units_setup(tiny, tmp_path):
     sets = H.prompt_sets(tiny)
     acts = {role: H.activations(tiny, role, sets, tmp_path) for role in tiny.roles}
-    return sets, H.directions(tiny, tmp_path, acts)
+    return sets, H.directions(tmp_path, acts)
 
 
 def test_resume_redoes_only_the_unfinished_unit(tiny, tmp_path, monkeypatch):
@@ -143,14 +143,14 @@ def test_resume_redoes_only_the_unfinished_unit(tiny, tmp_path, monkeypatch):
         if len(calls) == 2:
             raise KeyboardInterrupt("killed mid-unit")
         return real(*args, **kwargs)
-    monkeypatch.setattr(H, "generate", crashing)
+    monkeypatch.setattr(generation, "generate", crashing)
     with pytest.raises(KeyboardInterrupt):
         H.generation_units(tiny, tmp_path, sets.eval, dirs, units)
     assert H.unit_path(tmp_path, "base", H.NO_ABLATION, None).is_file()
     assert not H.unit_path(tmp_path, "base", "base", 2).exists()
 
     calls.clear()
-    monkeypatch.setattr(H, "generate", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
     resumed = H.generation_units(tiny, tmp_path, sets.eval, dirs, units)
     assert calls == ["base <- base L2", "base <- LAT L2"]
     calls.clear()
@@ -166,7 +166,7 @@ def test_transfer_scores_and_mcnemar(tiny, tmp_path):
     results = H.generation_units(tiny, tmp_path, sets.eval, dirs, H.transfer_units(tiny))
     assert len(results) == 2 + 4
     scores = H.score_units(results)
-    assert set(scores.method) == set(H.SCORING_METHODS) and (scores.n == len(sets.eval)).all()
+    assert set(scores.method) == set(H.METHODS) and (scores.n == len(sets.eval)).all()
     assert ((scores.wilson_low <= scores.refusal_rate) & (scores.refusal_rate <= scores.wilson_high)).all()
     tests = H.mcnemar_table(results)
     assert len(tests) == 2 * 3  # per target: 3 cells -> 3 pairs
@@ -196,7 +196,7 @@ def test_one_direction_per_row_equals_separate_runs(tiny, tiny_model):
 
 def test_per_row_directions_share_the_prefix_once_per_distinct_direction(tiny_model):
     """generation_units' batches (one direction per row) still compute the template's common start
-    once per distinct direction: the tokens equal plain prefill, the recompute loop and separate runs."""
+    once per distinct direction: the tokens equal the recompute loop and separate runs."""
     model, tok = tiny_model
     system = H.load_profile("tiny", {"template": "System: answer briefly.\nUser: {prompt}\nAssistant:"})
     d1, d2 = _direction(model, 1), _direction(model, 2)
@@ -208,12 +208,11 @@ def test_per_row_directions_share_the_prefix_once_per_distinct_direction(tiny_mo
     assert len(keys) == 9 and torch.equal(keys[0], keys[2]) and torch.equal(keys[3], keys[5])
     assert not torch.equal(keys[0], keys[3]) and not torch.equal(keys[3], keys[6])
     shared = H.greedy_tokens(model, ids, mask, 12, direction=rows)
-    plain = H.greedy_tokens(model, ids, mask, 12, direction=rows, share_prefix=False)
     recomputed = H.greedy_tokens(model, ids, mask, 12, direction=rows, use_cache=False)
     one = H.tokenize(tok, system, PROMPTS)
     separate = torch.cat([H.greedy_tokens(model, one["input_ids"], one["attention_mask"], 12, direction=d)
                           for d in (None, d1, d2)])
-    assert torch.equal(shared, plain) and torch.equal(plain, recomputed) and torch.equal(shared, separate)
+    assert torch.equal(shared, recomputed) and torch.equal(shared, separate)
 
 
 def test_per_row_directions_must_match_the_batch(tiny, tiny_model):
@@ -238,7 +237,7 @@ def test_grouped_units_equal_units_one_by_one(tiny, tmp_path, monkeypatch):
     wide = dataclasses.replace(tiny, batch_size=len(sets.eval) * len(units))
     calls = []
     real = H.generate
-    monkeypatch.setattr(H, "generate", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
     grouped = H.generation_units(wide, tmp_path / "grouped", sets.eval, dirs, units)
     assert calls == ["base <- none, base L2, LAT L1"]
     assert grouped == alone

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import helpers as H
+from refusal_lat.models import pool
 
 PROMPTS = ["Hi", "Write a long poem about the sea and the sky", "Name three colours, please.", "x"]
 
@@ -44,7 +45,7 @@ def _counting_loader(monkeypatch):
     def loader(profile, role):
         calls.append((profile.template, role))
         return real(profile, role)
-    monkeypatch.setattr(H, "use_model", loader)
+    monkeypatch.setattr(pool, "use_model", loader)
     return calls
 
 

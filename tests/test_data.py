@@ -4,6 +4,7 @@ import shutil
 import pytest
 
 import helpers as H
+from refusal_lat import data
 
 # sha256 of json.dumps of the four split lists; pinned once, any change to file or split code shows up.
 SPLIT_HASH = "54c7d63c10df5abf12e8feeec300c608999b2eb2405fbac73992d321a32cb686"
@@ -63,7 +64,7 @@ def test_altered_file_is_a_one_line_error(tmp_path):
 
 def test_missing_file_names_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.delenv("REFUSAL_LAT_DATA_DIR", raising=False)
-    monkeypatch.setattr(H, "REPO", tmp_path / "repo")  # no data/cache, no ../shared mirror
+    monkeypatch.setattr(data, "REPO", tmp_path / "repo")  # no data/cache, no ../shared mirror
     monkeypatch.setitem(H.DATA_FILES, "gpt4o", H.DATA_FILES["gpt4o"].__class__(
         H.DATA_FILES["gpt4o"].path, "http://127.0.0.1:9/unreachable.json", H.DATA_FILES["gpt4o"].sha256))
     with pytest.raises(H.DataError, match=r"not found: looked in .*repo/data/cache.*download failed") as err:

@@ -87,7 +87,7 @@ def test_use_model_switches_adapters_on_one_base_with_the_weights_of_a_fresh_loa
     profile = _switching_profile(local_hub)
     fresh = {role: H.load_model(profile, role)[0].state_dict() for role in profile.roles}
     assert any(not torch.equal(fresh["A"][k], fresh["B"][k]) for k in fresh["A"])
-    H.release_models()
+    H.invalidate()
     seen = set()
     for role in ["A", "base", "B", "A", "B", "base", "A"]:
         model, _ = H.use_model(profile, role)
@@ -97,20 +97,21 @@ def test_use_model_switches_adapters_on_one_base_with_the_weights_of_a_fresh_loa
         assert all(torch.equal(state[k], fresh[role][k]) for k in state), f"{role}: weights differ from a fresh load"
         del model
     assert len(seen) == 1, "the base must be loaded once"
-    H.release_models()
+    H.invalidate()
 
 
-def test_use_model_never_reuses_a_model_whose_weights_were_edited(local_hub):
+def test_use_model_reloads_after_invalidate(local_hub):
     profile = _switching_profile(local_hub)
     model, _ = H.use_model(profile, "A")
     H.orthogonalize_(model, torch.ones(32))
+    H.invalidate()  # the weights were edited in place
     edited = id(model)
     del model
     again, _ = H.use_model(profile, "A")
     assert id(again) != edited
     fresh = H.load_model(profile, "A")[0].state_dict()
     assert all(torch.equal(v, fresh[k]) for k, v in again.state_dict().items())
-    H.release_models()
+    H.invalidate()
 
 
 def test_cache_keys_change_when_a_local_adapter_is_retrained(local_hub):

@@ -1,6 +1,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 import helpers as H
 
@@ -46,7 +47,7 @@ def test_unknown_model_role():
 
 
 def test_nf4_without_cuda_says_what_to_do(monkeypatch):
-    monkeypatch.setattr(H.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     profile = H.load_profile("tiny", {"quantization": "nf4"})
     with pytest.raises(H.ConfigError, match="needs CUDA.*'quantization': 'none'"):
         H.load_model(profile, "base")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import helpers as H
+from refusal_lat import config, generation, store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,7 @@ def test_papermill_parameters_of_the_wrong_type(tmp_path):
 
 
 def test_cuda_or_4bit_without_cuda(monkeypatch):
-    monkeypatch.setattr(H.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(H.ConfigError) as e:
         H.load_model(H.load_profile("tiny", {"device": "cuda"}), "base")
     assert "asks for device cuda but torch sees no CUDA GPU" in one_line(e)
@@ -144,7 +145,7 @@ def test_read_only_run_directory(tiny, tmp_path, monkeypatch):
     else:  # root writes through permission bits, so simulate the OS refusing the write
         def refuse(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
-        monkeypatch.setattr(H.tempfile, "TemporaryFile", refuse)
+        monkeypatch.setattr(config.tempfile, "TemporaryFile", refuse)
     with pytest.raises(H.ConfigError) as e:
         H.run_dir(tiny, target)
     assert f"run directory {target} is not writable (Permission denied)" in one_line(e)
@@ -158,7 +159,7 @@ def test_corrupted_generation_unit_is_regenerated(tiny, tmp_path, monkeypatch):
     path.write_text(path.read_text()[:15])  # torn line
     calls = []
     real = H.generate
-    monkeypatch.setattr(H, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert H.generation_units(tiny, tmp_path, ["hi", "there"], dirs, units) == first
     assert calls == [1]
 
@@ -183,8 +184,8 @@ def test_two_runs_writing_the_same_cache_at_once(tmp_path):
     sums = [queue.get(timeout=5) for _ in workers]
     assert sums[0] == sums[1]
     tiny = H.load_profile("tiny")
-    cached = H.load_tensors(tmp_path / "activations" / "base.safetensors",
-                            H.stable_hash(H.activation_key(tiny, "base", H.prompt_sets(tiny).as_dict())))
+    cached = store.fresh(tmp_path / "activations" / "base.safetensors",
+                         H.activation_key(tiny, "base", H.prompt_sets(tiny).as_dict()), store.read_tensors)
     assert cached is not None and float(cached["eval"].sum()) == sums[0]
     assert not list((tmp_path / "activations").glob("*.tmp"))
 
@@ -198,7 +199,7 @@ KILL_SCRIPT = textwrap.dedent("""
     sets = H.prompt_sets(profile)
     run = Path({run!r})
     acts = {{r: H.activations(profile, r, sets, run) for r in profile.roles}}
-    dirs = H.directions(profile, run, acts)
+    dirs = H.directions(run, acts)
     real, calls = H.generate, []
     def slow_after_first(*a, **k):  # widen the window so the kill lands inside the second unit
         calls.append(1)
@@ -226,16 +227,16 @@ def test_kill_9_mid_generation_then_resume_equals_an_uninterrupted_run(tmp_path,
     tiny = H.load_profile("tiny")
     calls = []
     real = H.generate
-    monkeypatch.setattr(H, "generate", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
     sets = H.prompt_sets(tiny)
     acts = {r: H.activations(tiny, r, sets, run) for r in tiny.roles}
-    dirs = H.directions(tiny, run, acts)
+    dirs = H.directions(run, acts)
     resumed = H.generation_units(tiny, run, sets.eval, dirs, H.transfer_units(tiny))
     assert "base <- none" not in calls and len(calls) == len(H.transfer_units(tiny)) - 1
 
     fresh_run = tmp_path / "fresh"
     fresh_acts = {r: H.activations(tiny, r, sets, fresh_run) for r in tiny.roles}
-    fresh = H.generation_units(tiny, fresh_run, sets.eval, H.directions(tiny, fresh_run, fresh_acts),
+    fresh = H.generation_units(tiny, fresh_run, sets.eval, H.directions(fresh_run, fresh_acts),
                                H.transfer_units(tiny))
     assert resumed == fresh
     assert H.score_units(resumed).equals(H.score_units(fresh))

@@ -3,6 +3,7 @@ import pytest
 import scipy.stats
 
 import helpers as H
+from refusal_lat import judges
 
 LIST_ANSWER = "Sure thing.\n1. Gather the materials.\n2. Mix them well."
 LATE_CANNOT = ("To do this safely, follow these steps.\n1. Read the manual first.\n2. Wear gloves at all times.\n"
@@ -13,11 +14,9 @@ def one(text, method="paper"):
     return H.classify([text], method)[0]
 
 
-def test_refusal_lists_are_the_pinned_ones():
-    lists = H.refusal_lists()
-    paper = lists["apart_lab_2504.18872.evaluations"]
-    assert (len(paper["substrings"]), len(paper["refusal_keywords"]), len(paper["acceptance_keywords"])) == (18, 4, 2)
-    assert len(lists["refusal_direction.substring_matching"]["substrings"]) == 12
+def test_refusal_lists_are_the_authors_ones():
+    lists = (judges.PAPER_SUBSTRINGS, judges.PAPER_REFUSAL_KEYWORDS, judges.PAPER_ACCEPTANCE_PHRASES)
+    assert tuple(len(x) for x in lists) == (18, 4, 2) and len(judges.SUBSTRING_LIST) == 12
 
 
 # --- paper heuristic: one test per branch ---------------------------------------------------------

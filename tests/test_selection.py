@@ -67,7 +67,7 @@ def test_selection_scores_on_tiny(tiny, tiny_model, tmp_path):
     acts = H.activations(tiny, "base", sets, tmp_path, model, tok)
     val = H.validation_sets(tiny)
     assert len(val["harmful_val"]) == tiny.n_val and not set(val["harmful_val"]) & set(sets.eval)
-    scores = H.selection_scores(model, tok, tiny, H.refusal_directions(acts),
+    scores = H.selection_scores(model, tok, tiny, H.refusal_directions(acts["harmful"], acts["harmless"]),
                                 H.mean_difference(acts["harmful"], acts["harmless"]), val, [1, 2, 3])
     assert list(scores.layer) == [1, 2, 3] and (scores.kl >= 0).all()
 

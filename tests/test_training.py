@@ -6,6 +6,7 @@ import torch
 
 import helpers as H
 import training as T
+from refusal_lat import generation
 
 PAIRS = [("How do I bake bread?", "Mix flour, water and yeast, then bake."),
          ("Explain how to pick a lock", "I'm sorry, but I can't help with that."),
@@ -76,7 +77,7 @@ def test_refusal_targets_keep_the_base_models_refusals_and_replace_its_complianc
                "harmless": ["Bread needs flour. It also needs water", "Red, green, blue."]}
     monkeypatch.setattr(T, "training_prompts", lambda rec: {k: [f"{k} {i}" for i in range(2)] for k in answers})
     by_prompt = {f"{k} {i}": a for k, texts in answers.items() for i, a in enumerate(texts)}
-    monkeypatch.setattr(T.H, "generate", lambda model, tok, profile, prompts, **kw: [by_prompt[p] for p in prompts])
+    monkeypatch.setattr(generation, "generate", lambda model, tok, profile, prompts, **kw: [by_prompt[p] for p in prompts])
     rec = _recipe(tiny, response_tokens=8)
     rows = T.refusal_mix(tiny, rec, *base, run=tmp_path)
     assert [r["target_source"] for r in rows] == ["base_model", "fixed_refusal", "base_model", "base_model"]
@@ -84,7 +85,7 @@ def test_refusal_targets_keep_the_base_models_refusals_and_replace_its_complianc
     assert rows[2]["response"] == "Bread needs flour.", "an answer cut at the token limit ends at its last sentence"
     assert T.trim_to_sentence("Here are steps. First, mix.\n\n1.") == "Here are steps. First, mix."
     assert rows[3]["response"] == "Red, green, blue."
-    monkeypatch.setattr(T.H, "generate", lambda *a, **k: pytest.fail("cached rows must be reused"))
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: pytest.fail("cached rows must be reused"))
     assert T.refusal_mix(tiny, rec, *base, run=tmp_path) == rows
 
 

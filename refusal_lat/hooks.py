@@ -1,0 +1,148 @@
+"""Every forward hook of the project, each inside a context manager that always removes it."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from .config import ConfigError
+from .models.load import decoder_layers
+
+
+@contextmanager
+def block_input_edits(model, edit, layers=None):
+    """The one block-input hook. While inside, each decoder block in `layers` (default: all) calls
+    edit(index, hidden) on its input (the residual stream, TransformerLens resid_pre) and runs on what
+    it returns instead; returning None leaves the input as it is. Removed on exit, errors included."""
+    blocks = decoder_layers(model)
+
+    def make_hook(index):
+        def hook(module, args, kwargs):
+            new = edit(index, args[0] if args else kwargs["hidden_states"])
+            if new is None:
+                return None
+            if args:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
+        return hook
+
+    handles = []
+    try:
+        for index in range(len(blocks)) if layers is None else layers:
+            handles.append(blocks[index].register_forward_pre_hook(make_hook(index), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def capture_block_inputs(model, position: int):
+    """Collect each decoder block's input at `position`: yields [[tensor per call] per block]."""
+    captured: list[list[torch.Tensor]] = [[] for _ in decoder_layers(model)]
+
+    def keep(index, hidden):
+        # clone: in fp32 on CPU the slice is a view that would keep the whole [batch, seq, d] alive
+        captured[index].append(hidden[:, position].detach().float().cpu().clone())
+
+    with block_input_edits(model, keep):
+        yield captured
+
+
+def _unit_direction(model, direction: torch.Tensor) -> torch.Tensor:
+    """r / |r| in float64: a [d] vector, or a [rows, d] matrix with one direction per batch row
+    (generation_units batches several units that way). A zero direction ablates nothing."""
+    width = model.config.hidden_size
+    if direction.ndim not in (1, 2) or direction.shape[-1] != width:
+        raise ConfigError(f"direction has shape {tuple(direction.shape)} but the model's residual width is {width}; "
+                          f"use a direction from a model with the same d_model")
+    direction = direction.double()
+    norm = direction.norm(dim=-1, keepdim=True)
+    if not torch.isfinite(norm).all():
+        raise ConfigError("direction is not finite (NaN/Inf); recompute the activations it came from")
+    return direction / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def _project_out(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    r = r.to(device=x.device, dtype=x.dtype)  # a no-op when the caller already cast it
+    if r.ndim == 2:  # one direction per batch row: x is [rows, seq, d]
+        if x.shape[0] != r.shape[0]:
+            raise ConfigError(f"{r.shape[0]} per-row directions for a batch of {x.shape[0]}; pass one per prompt")
+        r = r[:, None, :]
+        return x - (x * r).sum(-1, keepdim=True) * r
+    return x - (x @ r).unsqueeze(-1) * r
+
+
+@contextmanager
+def ablation(model, direction: torch.Tensor | None):
+    """Project `direction` out of the residual stream everywhere while the block runs.
+    None means no intervention (so callers can treat the no-ablation baseline uniformly); a
+    [rows, d] matrix ablates one direction per batch row (zero rows: no intervention)."""
+    if direction is None:
+        yield
+        return
+    unit = _unit_direction(model, direction)
+    casts = {}  # one copy of r per (device, dtype): no host-to-device copy inside the hooks
+
+    def project(x):
+        key = (x.device, x.dtype)
+        if key not in casts:
+            casts[key] = unit.to(device=x.device, dtype=x.dtype)
+        return _project_out(x, casts[key])
+
+    def out_hook(module, args, output):
+        if isinstance(output, tuple):
+            return (project(output[0]), *output[1:])
+        return project(output)
+
+    handles = []
+    try:
+        for layer in decoder_layers(model):
+            handles.append(layer.self_attn.register_forward_hook(out_hook))
+            handles.append(layer.mlp.register_forward_hook(out_hook))
+        with block_input_edits(model, lambda index, hidden: project(hidden)):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def orthogonalize_(model, direction: torch.Tensor):
+    """The same map folded into the weights, in place: every matrix that writes to the residual
+    stream (embedding, attention out-projection, MLP down-projection) loses its r component. Editing a
+    model from models.pool.use_model? Call models.pool.invalidate() afterwards."""
+    if direction.ndim != 1:
+        raise ConfigError("orthogonalize_ folds one direction into the weights; pass a [d] vector, not one per row")
+    r = _unit_direction(model, direction)
+    embed = model.get_input_embeddings()
+    if model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embed.weight:
+        model.get_output_embeddings().weight = torch.nn.Parameter(embed.weight.clone())  # untie first
+    embed.weight.copy_(_project_out(embed.weight, r))
+    for layer in decoder_layers(model):
+        for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            rr = r.to(linear.weight.dtype).to(linear.weight.device)
+            linear.weight.copy_(linear.weight - torch.outer(rr, rr @ linear.weight))
+            if linear.bias is not None:
+                linear.bias.copy_(_project_out(linear.bias, r))
+    return model
+
+
+@contextmanager
+def activation_addition(model, vector: torch.Tensor, layer: int):
+    """Add `vector` to the input of block `layer` at every position (refusal_direction's actadd)."""
+    with block_input_edits(model, lambda index, hidden: hidden + vector.to(hidden), [layer]):
+        yield
+
+
+@contextmanager
+def perturbation(model, layer: int | None, delta: torch.Tensor | None):
+    """Add delta [batch, seq, d] to the input of decoder block `layer` (training's AT/LAT attack);
+    a no-op for None. `model` may be a PEFT wrapper (LoRA layers are injected in place)."""
+    if layer is None or delta is None:
+        yield
+        return
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with block_input_edits(model, lambda index, hidden: hidden + delta.to(device=hidden.device, dtype=hidden.dtype),
+                           [layer]):
+        yield

@@ -1,0 +1,162 @@
+"""Loading a role's model and tokenizer. paper: hub + PEFT adapter merged, NF4 on CUDA; cpu: PyPI
+GGUF parts converted once to safetensors (models/gguf.py); tiny: a random Llama and a byte-level
+tokenizer built in-process."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..config import DTYPES, REPO, ConfigError, ModelSpec, Profile, model_role_spec
+from ..store import sha256_file
+from .gguf import converted_gguf_folder
+
+
+def use_cuda(profile: Profile) -> bool:
+    if profile.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"profile '{profile.name}' asks for device cuda but torch sees no CUDA GPU; "
+                          f"pass overrides={{'device': 'auto'}} or install a CUDA build of torch")
+    return profile.device != "cpu" and torch.cuda.is_available()
+
+
+def prepare_tokenizer(tokenizer):
+    """Left padding (the read position and generation assume it) and a pad token when missing."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError("tokenizer has neither a pad nor an eos token; set tokenizer.pad_token yourself")
+        tokenizer.pad_token = tokenizer.eos_token  # masked out everywhere, so its identity does not matter
+    return tokenizer
+
+
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def tiny_tokenizer():
+    """Byte-level tokenizer (256 byte tokens + specials), built in-process: no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    byte_vocab = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(byte_vocab))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+def tiny_model(config: dict, vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = dict(config)
+    seed = config.pop("seed", 0)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=None, tie_word_embeddings=False, **config)
+    return LlamaForCausalLM(cfg)
+
+
+def load_tokenizer(profile: Profile, role: str):
+    from transformers import AutoTokenizer
+    spec = model_role_spec(profile, role)
+    if spec.source == "tiny":
+        return prepare_tokenizer(tiny_tokenizer())
+    if spec.source == "pypi_gguf":
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(converted_gguf_folder(spec)))
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(spec.id, revision=spec.revision))
+
+
+def load_model(profile: Profile, role: str):
+    """(model, tokenizer) for one role, in eval mode with gradients off. Adapters are merged."""
+    from transformers import AutoModelForCausalLM
+    spec = model_role_spec(profile, role)
+    dtype = DTYPES[profile.dtype]
+    tokenizer = load_tokenizer(profile, role)
+    kwargs = {"dtype": dtype}
+    cuda = use_cuda(profile)
+    if profile.quantization == "nf4":
+        if not cuda:
+            raise ConfigError(f"profile '{profile.name}' asks for NF4 4-bit, which needs CUDA and bitsandbytes; "
+                              f"on this machine pass overrides={{'quantization': 'none', 'dtype': 'bfloat16'}}")
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float16)
+    if cuda:
+        kwargs["device_map"] = "auto"  # spreads a model larger than one GPU over several
+    if spec.source == "tiny":
+        model = tiny_model(spec.config, len(tokenizer)).to(dtype)
+    elif spec.source == "pypi_gguf":
+        model = AutoModelForCausalLM.from_pretrained(converted_gguf_folder(spec), **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec.id, revision=spec.revision, **kwargs)
+    if spec.adapter:
+        model = merge_adapter(model, adapter_location(spec), spec.adapter_revision)
+    if not cuda:
+        model = model.to("cpu")
+    model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def adapter_location(spec: ModelSpec) -> str:
+    """A folder in this repo (adapters/<profile>/<arm>, trained by notebook 00) or a hub id."""
+    local = REPO / spec.adapter
+    return str(local) if local.is_dir() else spec.adapter
+
+
+def model_fingerprint(profile: Profile, role: str) -> dict:
+    """What identifies a role's weights in cache keys: its spec, plus the adapter file's sha256 for
+    local adapters (retraining one must not reuse stale activations or generations)."""
+    spec = model_role_spec(profile, role)
+    out = dataclasses.asdict(spec)
+    if spec.adapter and Path(adapter_location(spec)).is_dir():
+        out["adapter_sha256"] = sha256_file(Path(adapter_location(spec)) / "adapter_model.safetensors")
+    return out
+
+
+def merge_adapter(model, adapter: str, revision: str = "main", pristine: dict | None = None):
+    """Load a PEFT LoRA adapter on top of `model` and fold it into the weights (docs/method.md, "Models")."""
+    from peft import PeftModel
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter, revision=revision)
+    except (OSError, RuntimeError, ValueError) as err:
+        if isinstance(err, OSError) or "adapter_config.json" in str(err):  # also the hub's not-found errors
+            raise ConfigError(f"adapter {adapter!r} not found as a folder or hub id ({type(err).__name__}); "
+                              f"check the profile's adapter path") from None
+        raise ConfigError(f"adapter {adapter!r} does not fit this base model ({str(err).splitlines()[0][:160]}); "
+                          f"check the profile's adapter/base pair") from None  # shape mismatch: another base
+    if pristine is not None:  # keep the weights the merge will change, once, for use_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        config = peft_model.peft_config[peft_model.active_adapter]
+        if getattr(config, "modules_to_save", None) or getattr(config, "bias", "none") != "none":
+            raise ConfigError(f"adapter {adapter!r} also trains whole modules or biases, which use_model cannot switch "
+                              f"back; call load_model for it")
+        prefix = "base_model.model."
+        for name, module in peft_model.named_modules():
+            if isinstance(module, BaseTunerLayer) and name.startswith(prefix) and name[len(prefix):] not in pristine:
+                pristine[name[len(prefix):]] = module.get_base_layer().weight.detach().clone()
+    return peft_model.merge_and_unload()
+
+
+def decoder_layers(model) -> list:
+    """The decoder blocks, whose inputs are the residual stream (TransformerLens resid_pre)."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return list(obj)
+        except AttributeError:
+            continue
+    raise ConfigError(f"cannot find the decoder blocks of {type(model).__name__}; add its path to decoder_layers()")
+
+
+def free_memory():
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,116 @@
+"""The loss, the PGD attack inside the eps-ball (Casper et al.'s adv_attack; docs/method.md,
+"Training") and how large eps is relative to the residual stream it perturbs."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..hooks import block_input_edits, perturbation
+from .data import collate
+from .recipe import Recipe
+
+
+def causal_lm(model):
+    """The transformers model under a PEFT wrapper (LoRA layers are injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def sft_loss(model, batch: dict) -> torch.Tensor:
+    """Mean next-token cross-entropy over the response tokens of the batch. The lm_head runs only
+    where there is a label (a 150k vocabulary times every position would dominate CPU time)."""
+    lm = causal_lm(model)
+    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    logits = lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return F.cross_entropy(logits, targets[keep])
+
+
+def example_norms(x: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each example's whole [seq, d] slice: [batch]."""
+    return x.flatten(1).norm(dim=1)
+
+
+def project_l2(delta: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Scale down every example whose perturbation is longer than epsilon; shorter ones are kept."""
+    scale = (epsilon / example_norms(delta).clamp_min(1e-12)).clamp(max=1.0)
+    return delta * scale.view(-1, *[1] * (delta.ndim - 1))
+
+
+@dataclass
+class Attack:
+    delta: torch.Tensor     # final perturbation [batch, seq, d], detached
+    losses: list            # SFT loss at the start of each step (losses[0]: at the random start)
+    norms: list             # per step, the per-example norms after projection
+
+
+def pgd_attack(model, batch: dict, layer: int, epsilon: float, steps: int, generator: torch.Generator,
+               random_init: bool = True) -> Attack:
+    """Untargeted L2 PGD on the input of block `layer` that maximises the SFT loss."""
+    lm = causal_lm(model)
+    b, s = batch["input_ids"].shape
+    mask = batch["attention_mask"][..., None].float()
+    delta = torch.zeros(b, s, lm.config.hidden_size, device=mask.device)
+    if random_init and epsilon > 0:  # Gaussian direction, radius U(0, 1) * eps, padding left at zero
+        noise = torch.randn(delta.shape, generator=generator)  # drawn on the CPU: same on every device
+        radius = torch.rand(b, generator=generator) * epsilon
+        delta = noise.to(mask.device) * mask
+        delta = delta * (radius.to(mask.device) / example_norms(delta).clamp_min(1e-12)).view(-1, 1, 1)
+    losses, norms = [], []
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        with perturbation(model, layer, delta):
+            loss = sft_loss(model, batch)
+        (grad,) = torch.autograd.grad(loss, delta)
+        losses.append(loss.item())
+        grad = grad * mask
+        step = grad / example_norms(grad).clamp_min(1e-12).view(-1, 1, 1)
+        delta = project_l2(delta.detach() + (epsilon / steps) * step, epsilon)
+        norms.append(example_norms(delta).tolist())
+    return Attack(delta.detach(), losses, norms)
+
+
+@torch.no_grad()
+def residual_norms(model, examples: list[dict], layers: list[int], pad_id: int, n: int = 64) -> dict:
+    """Per layer: median over examples of the L2 norm of the whole clean block input (real tokens,
+    the norm the eps-ball uses), median per-token norm and median length; on the first n examples."""
+    lm = causal_lm(model)
+    seen = {layer: [] for layer in layers}
+    tokens = {layer: [] for layer in layers}
+
+    lengths = []
+    device = next(lm.parameters()).device
+    for start in range(0, min(n, len(examples)), 8):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + 8], pad_id).items()}
+        lengths += batch["attention_mask"].sum(1).tolist()
+        mask = batch["attention_mask"]
+
+        def measure(layer, hidden):
+            hidden = hidden.float() * mask[..., None]
+            seen[layer] += example_norms(hidden).tolist()
+            tokens[layer] += hidden.norm(dim=-1)[mask.bool()].tolist()
+
+        with block_input_edits(lm, measure, layers):
+            lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    med = lambda xs: float(torch.tensor(xs).median())  # noqa: E731
+    return {layer: {"sequence_norm": med(seen[layer]), "token_norm": med(tokens[layer]),
+                    "tokens": med(lengths)} for layer in layers}
+
+
+def arm_epsilon(rec: Recipe, layer: int, norms: dict) -> float:
+    """Absolute radius for the arm that perturbs `layer` (norms from residual_norms)."""
+    if rec.epsilon_unit == "absolute":
+        return rec.epsilon
+    return rec.epsilon * norms[layer]["token_norm"] * math.sqrt(norms[layer]["tokens"])
+
+
+def epsilon_report(epsilon: float, norms: dict) -> dict:
+    """An absolute eps, and relative: to the median whole-sequence norm of the clean block input (the
+    quantity the ball bounds; the first token's large activation dominates it in later blocks) and per
+    token (eps spread evenly over the median length, over the median token norm)."""
+    return {"absolute": epsilon, **norms, "relative_to_sequence_norm": epsilon / norms["sequence_norm"],
+            "per_token_relative": epsilon / math.sqrt(norms["tokens"]) / norms["token_norm"]}

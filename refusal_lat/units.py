@@ -1,0 +1,92 @@
+"""Generation units: one JSONL per (target model, direction source, layer), written atomically as it
+finishes, so a killed run resumes at the unit it was in."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from . import generation
+from .config import ConfigError, Profile, model_role_spec
+from .models import pool
+from .models.load import model_fingerprint
+from .store import VERSIONS, encode_jsonl, fresh, read_jsonl, stable_hash, store, tensor_hash
+
+
+NO_ABLATION = "none"
+
+
+def unit_path(run: Path, target: str, source: str, layer: int | None, kind: str = "eval") -> Path:
+    """runs/<profile>/generations/<kind>/<target>__<source>_L<layer>.jsonl; kind names the prompt set."""
+    tag = "none" if source == NO_ABLATION else f"{source}_L{layer}"
+    return run / "generations" / kind / f"{target}__{tag}.jsonl"
+
+
+def unit_key(profile: Profile, target: str, source: str, layer, direction, prompts: list[str],
+             stop_at_eos: bool) -> dict:
+    direction_hash = None if direction is None else tensor_hash(direction)
+    return {"stage": VERSIONS["generation"], "target": model_fingerprint(profile, target),
+            "source": source, "layer": layer, "direction": direction_hash, "dtype": profile.dtype,
+            "quantization": profile.quantization, "template": profile.template,
+            "max_new_tokens": profile.max_new_tokens, "stop_at_eos": stop_at_eos, "prompts": stable_hash(prompts)}
+
+
+def unit_groups(pending: list, n_prompts: int, batch_size: int) -> list[list]:
+    """Split one model's pending units into as few generation batches as batch_size allows, of even
+    size: on a CPU a 320-row batch decodes about 1.4x faster per row than a 64-row one (BENCHMARKS.md).
+    With batch_size < 2 x n_prompts every unit runs on its own."""
+    per_batch = max(1, batch_size // max(1, n_prompts))
+    n_groups = -(-len(pending) // per_batch)
+    size = -(-len(pending) // max(1, n_groups))
+    return [pending[i:i + size] for i in range(0, len(pending), size)]
+
+
+def generation_units(profile: Profile, run: Path, prompts: list[str], dirs_by_role: dict,
+                     units: list[tuple[str, str, int | None]], stop_at_eos: bool = False, kind: str = "eval") -> dict:
+    """Completions for each (target, source, layer) unit; source NO_ABLATION means no intervention.
+    Finished units are read back; the rest are generated target by target (one model in memory), several
+    units of a target in one batch when batch_size holds them (one direction per row), each written as
+    soon as its batch is done."""
+    results, todo = {}, {}
+    for target, source, layer in units:
+        model_role_spec(profile, target)
+        if source != NO_ABLATION:
+            model_role_spec(profile, source)
+            n_layers = dirs_by_role[source].shape[0]
+            if not 0 <= layer < n_layers:
+                raise ConfigError(f"model '{source}': layer {layer} out of range; it has block inputs 0..{n_layers - 1}")
+        direction = None if source == NO_ABLATION else dirs_by_role[source][layer]
+        key = unit_key(profile, target, source, layer, direction, prompts, stop_at_eos)
+        path = unit_path(run, target, source, layer, kind)
+        rows = fresh(path, key, read_jsonl)
+        if rows is not None:
+            results[(target, source, layer)] = rows
+        else:
+            todo.setdefault(target, []).append((source, layer, direction, key, path))
+    for target, pending in todo.items():
+        model, tokenizer = pool.use_model(profile, target)
+        for group in unit_groups(pending, len(prompts), profile.batch_size):
+            started = time.time()
+            if len(group) == 1:
+                directions = group[0][2]
+            else:  # one direction per row; a zero row means no ablation
+                directions = torch.stack([torch.zeros(model.config.hidden_size) if d is None else d.float()
+                                          for _, _, d, _, _ in group for _ in prompts])
+            names = ", ".join(source + ("" if layer is None else f" L{layer}") for source, layer, *_ in group)
+            texts = generation.generate(model, tokenizer, profile, prompts * len(group), directions, stop_at_eos,
+                             desc=f"{target} <- {names}")
+            seconds = round((time.time() - started) / len(group), 1)
+            for i, (source, layer, direction, key, path) in enumerate(group):
+                rows = [{"i": j, "prompt": p, "completion": c}
+                        for j, (p, c) in enumerate(zip(prompts, texts[i * len(prompts):(i + 1) * len(prompts)]))]
+                store(path, key, encode_jsonl(rows), seconds=seconds, units_in_batch=len(group))
+                results[(target, source, layer)] = rows
+        del model  # the next use_model may load another model
+    return {u: results[u] for u in units}
+
+
+def transfer_units(profile: Profile, layer: int | None = None) -> list[tuple]:
+    """(target, source, layer) for the no-ablation row and the full N x N matrix."""
+    layer = profile.layer if layer is None else layer
+    return [(t, NO_ABLATION, None) for t in profile.roles] + [(t, s, layer) for t in profile.roles for s in profile.roles]
