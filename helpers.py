@@ -73,6 +73,7 @@ from refusal_lat.svd import (  # noqa: F401
 from refusal_lat.directions import direction_cosines, directions, refusal_directions  # noqa: F401
 from refusal_lat.generation import (  # noqa: F401
     Generation,
+    append_token,
     decode_step,
     generate,
     generate_tokens,

@@ -22,6 +22,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from importlib.metadata import version  # noqa: E402
 
 import helpers as H  # noqa: E402
 
@@ -177,7 +178,7 @@ def machine() -> str:
     return (f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} · {cpu}, {os.cpu_count()} cores "
             f"(torch threads {torch.get_num_threads()}), {mem:.0f} GiB · load average {load} · "
             f"Python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {H._version('transformers')}")
+            f"transformers {version('transformers')}")
 
 
 def table(header: list[str], rows: list[list]) -> str:

@@ -17,17 +17,12 @@ SIZES = {"cpu": {"prompts": 16}, "tiny": {"prompts": 16}}
 TARGET = 0.10  # capture costs at most 10 % over the bare forward pass
 
 
-@torch.no_grad()
 def bare_forward(model, tok, profile, prompts):
-    """block_inputs' loop without its hooks (the same shared-prefix prefill): tokenize, run the trunk,
-    keep nothing. The hook overhead is H.block_inputs over this."""
-    trunk = model.get_decoder()
+    """H.trunk_forward without capture (the pass H.block_inputs hooks): tokenize, run the trunk with
+    the shared prefix once, keep nothing. The hook overhead is H.block_inputs over this."""
     for chunk in batches(prompts, profile.batch_size):
         b = H.tokenize(tok, profile, chunk)
-        ids, mask, cache = b["input_ids"], b["attention_mask"], None
-        if profile.read_position < 0:
-            ids, mask, cache = H.prefill_shared_prefix(model, ids, mask, keep=-profile.read_position)
-        H.forward_after_prefix(trunk, ids, mask, cache)
+        H.trunk_forward(model, b["input_ids"], b["attention_mask"], profile.read_position)
 
 
 @torch.no_grad()

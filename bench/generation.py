@@ -20,7 +20,7 @@ import torch
 
 from _util import H, bench_prompts, batches, compare, med, ratio, spread, table, unit_direction, verdict
 
-PAPER_BATCH = 16  # PAPER.md: the paper's generation batch for the base model (12 for AT and LAT)
+PAPER_BATCH = 16  # the authors' generation batch for the base model (12 for AT and LAT)
 SIZES = {  # overhead: batch, tokens; speedup: batches, new tokens, recompute steps timed; scaling: batches, decode steps
     "cpu": {"overhead": (4, 16), "speedup": ((4, PAPER_BATCH), 64, 4), "scaling": ((16, 64, 128, 320), 4)},
     "tiny": {"overhead": (4, 8), "speedup": ((4, PAPER_BATCH), 64, 4), "scaling": ((2, 4, 8), 4)},
@@ -78,9 +78,7 @@ def recompute_step(model, tokens, batch, step: int) -> torch.Tensor:
     over the prompt plus the `step` tokens generated so far, no cache. Returns the greedy token."""
     ids = torch.cat([batch["input_ids"], tokens[:, :step]], dim=1)
     mask = torch.cat([batch["attention_mask"], torch.ones_like(tokens[:, :step])], dim=1)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=H.position_ids(mask), use_cache=False,
-                logits_to_keep=1)
-    return out.logits[:, -1].argmax(-1)
+    return H.decode_step(model, H.start_decoding(model, ids, mask, use_cache=False)).argmax(-1)
 
 
 def speedup(model, tok, profile, r, batch_sizes, tokens, k, reps, log):
@@ -97,15 +95,17 @@ def speedup(model, tok, profile, r, batch_sizes, tokens, k, reps, log):
         out = {}
 
         def kv(x=b, n=tokens, name="kv"):
-            out[name] = H.greedy_tokens(model, x["input_ids"], x["attention_mask"], n)
+            out[name] = H.greedy_tokens(model, x["input_ids"], x["attention_mask"], n, direction=r)
+
+        def recompute(i):
+            with H.ablation(model, r):  # the hooks greedy_tokens(direction=r) sets, around one recompute step
+                out[i] = recompute_step(model, out["kv"], b, i)
 
         log(f"KV cache vs recompute: batch {batch}, {tokens} tokens (recompute steps {sampled}), {reps} reps")
-        with H.ablation(model, r):
-            kv()  # the tokens the recompute steps continue from
-            fns = {"kv": kv} | {i: (lambda i=i: out.__setitem__(i, recompute_step(model, out["kv"], b, i)))
-                                for i in sampled}
-            warm = {"kv": lambda: kv(small, 2, "w")} | {i: (lambda: None) for i in sampled}
-            t = compare(fns, reps, warm, log=log)
+        kv()  # the tokens the recompute steps continue from
+        fns = {"kv": kv} | {i: (lambda i=i: recompute(i)) for i in sampled}
+        warm = {"kv": lambda: kv(small, 2, "w")} | {i: (lambda: None) for i in sampled}
+        t = compare(fns, reps, warm, log=log)
         same = all(torch.equal(out[i], out["kv"][:, i]) for i in sampled)
         cost = {i: med(t[i]) for i in sampled}
         hold = [cost[max(j for j in sampled if j <= i)] for i in range(tokens)]
@@ -135,22 +135,17 @@ def speedup(model, tok, profile, r, batch_sizes, tokens, k, reps, log):
     return md, targets
 
 
-@torch.no_grad()
-def prefill(model, batch) -> dict:
-    mask = batch["attention_mask"]
-    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=H.position_ids(mask),
-                use_cache=True, logits_to_keep=1)
-    return {"token": out.logits[:, -1].argmax(-1), "mask": mask, "cache": out.cache}
+def prefill(model, batch):
+    """H.greedy_tokens' start: the shared prefix once, then the first step over the rest of the prompts."""
+    state = H.start_decoding(model, batch["input_ids"], batch["attention_mask"])
+    H.append_token(state, H.decode_step(model, state).argmax(-1))
+    return state
 
 
-@torch.no_grad()
-def decode(model, state: dict, steps: int):
-    """`steps` greedy steps from the cache, each the call H.greedy_tokens makes."""
+def decode(model, state, steps: int):
+    """`steps` greedy steps from the cache: H.decode_step, the step H.greedy_tokens takes."""
     for _ in range(steps):
-        mask = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
-        out = model(input_ids=state["token"][:, None], attention_mask=mask, position_ids=H.position_ids(mask)[:, -1:],
-                    cache=state["cache"], use_cache=True, logits_to_keep=1)
-        state.update(token=out.logits[:, -1].argmax(-1), mask=mask, cache=out.cache)
+        H.append_token(state, H.decode_step(model, state).argmax(-1))
 
 
 def scaling(model, tok, profile, r, sizes, steps, reps, log, n=64):
@@ -161,7 +156,7 @@ def scaling(model, tok, profile, r, sizes, steps, reps, log, n=64):
             batch = H.tokenize(tok, profile, bench_prompts(profile, s))
             started = time.perf_counter()
             states[s] = prefill(model, batch)
-            pre[s], length[s] = time.perf_counter() - started, states[s]["mask"].shape[1]
+            pre[s], length[s] = time.perf_counter() - started, batch["input_ids"].shape[1]
             log(f"  prefill batch {s}: {pre[s]:.2f} s")
         t = compare({s: (lambda s=s: decode(model, states[s], steps)) for s in sizes}, reps,
                     {s: (lambda s=s: decode(model, states[s], 1)) for s in sizes}, log=log)

@@ -1,8 +1,8 @@
 """The paper's scale on one CUDA GPU: Llama-2-7B's architecture with random weights (speed does not
 depend on the weights), built directly on the device from its config, in bf16 and, where
 bitsandbytes works, NF4 4-bit with fp16 compute (the paper's setting). Measures
-  - all-layer capture (H.capture_block_inputs, read position) of 620 prompts vs the bare trunk;
-  - 520 prompts x 64 tokens of ablated greedy generation (H.ablation + H.greedy_tokens, KV cache)
+  - all-layer capture (H.trunk_forward with capture, read position) of 620 prompts vs the bare trunk;
+  - 520 prompts x 64 tokens of ablated greedy generation (H.greedy_tokens with a direction, KV cache)
     vs the paper's recompute loop (use_cache=False), timed on one batch and extrapolated to 520;
   - the floor: weight bytes read per decode step / measured device copy bandwidth.
 Prompts are random token ids with the lengths of the paper's prompts under its template (estimated
@@ -152,26 +152,15 @@ def make_batches(lengths: list[int], size: int, vocab: int, device) -> list[dict
 
 # --- workloads ------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def trunk_pass(model, batches, capture: bool):
-    """H.block_inputs' loop on pre-tokenised batches, with or without its capture hooks."""
-    trunk, chunks = model.get_decoder(), []
-    for b in batches:
-        kwargs = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                      position_ids=H.position_ids(b["attention_mask"]), use_cache=False)
-        if capture:
-            with H.capture_block_inputs(model, -1) as captured:
-                trunk(**kwargs)
-            chunks.append(torch.stack([layer[0] for layer in captured], dim=1))
-        else:
-            trunk(**kwargs)
+    """H.trunk_forward (what H.block_inputs runs per batch) on pre-tokenised batches, with or without capture."""
+    chunks = [H.trunk_forward(model, b["input_ids"], b["attention_mask"], -1, capture) for b in batches]
     return torch.cat(chunks) if capture else None
 
 
 def generate(model, batches, r, tokens: int, use_cache: bool = True):
-    with H.ablation(model, r):
-        return [H.greedy_tokens(model, b["input_ids"], b["attention_mask"], tokens, use_cache=use_cache)
-                for b in batches]
+    return [H.greedy_tokens(model, b["input_ids"], b["attention_mask"], tokens, use_cache=use_cache, direction=r)
+            for b in batches]
 
 
 def bench_one(label, model, args, device, bandwidth, log):

@@ -59,7 +59,7 @@ class Profile:
     n_harmless_check: int = 100    # harmless prompts generated with and without ablation
     device: str = "auto"           # auto (CUDA when present) | cpu | cuda
     training: dict = field(default_factory=dict)  # notebook 00's recipe (refusal_lat.training.Recipe keys)
-    threads: int = 0               # torch CPU threads for the notebooks (0 = torch's default)
+    train_threads: int = 0         # torch CPU threads while training adapters (0 = torch's default)
 
     @property
     def roles(self) -> list[str]:
@@ -135,8 +135,6 @@ def load_profile(name: str = "cpu", overrides: dict | None = None) -> Profile:
 def start(profile: str = "cpu", overrides: dict | None = None, run: str | Path | None = None):
     """The first call of every notebook: (Profile, run folder, figure folder)."""
     loaded = load_profile(profile, overrides)
-    if loaded.threads:
-        torch.set_num_threads(loaded.threads)
     paths = run_dir(loaded, run), figure_dir(loaded)
     print(f"profile {loaded.name}: models {loaded.roles}, layer {loaded.layer}, template {loaded.template!r}, "
           f"read position {loaded.read_position}\nartifacts -> {paths[0]}\nfigures   -> {paths[1]}")

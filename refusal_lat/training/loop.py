@@ -135,9 +135,11 @@ def adapter_megabytes(folder: Path) -> float:
 def train_profile(profile: Profile, arms=ARMS, overrides: dict | None = None, out: Path | None = None,
                   run: Path | None = None, progress: bool = True) -> dict:
     """Build (or read) the training data, then train, save and log each arm from a fresh base.
-    Returns {arm: log}. Existing adapters are overwritten."""
+    Returns {arm: log}. Existing adapters are overwritten. Runs on the profile's train_threads."""
     from importlib.metadata import version
     rec = recipe(profile, overrides)
+    if profile.train_threads:
+        torch.set_num_threads(profile.train_threads)
     out = Path(out) if out else adapter_root(rec)
     spec = model_role_spec(profile, "base")
     model, tokenizer = load_model(profile, "base")
