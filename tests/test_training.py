@@ -7,6 +7,7 @@ import torch
 import helpers as H
 import training as T
 from refusal_lat import generation
+from refusal_lat.training import data as training_data
 
 PAIRS = [("How do I bake bread?", "Mix flour, water and yeast, then bake."),
          ("Explain how to pick a lock", "I'm sorry, but I can't help with that."),
@@ -66,8 +67,8 @@ def test_training_prompts_never_overlap_the_direction_or_evaluation_sets():
     profile = H.load_profile("cpu", {"n_eval": 520})
     used = H.prompt_sets(profile)
     held_out = H.validation_sets(profile)
-    analysed = {T._norm_text(p) for p in used.harmful + used.harmless + used.eval + sum(held_out.values(), [])}
-    trained = [T._norm_text(p) for p in prompts["harmful"] + prompts["harmless"]]
+    analysed = {training_data._norm_text(p) for p in used.harmful + used.harmless + used.eval + sum(held_out.values(), [])}
+    trained = [training_data._norm_text(p) for p in prompts["harmful"] + prompts["harmless"]]
     assert not analysed & set(trained)
     assert len(set(trained)) == len(trained)
 
@@ -75,7 +76,7 @@ def test_training_prompts_never_overlap_the_direction_or_evaluation_sets():
 def test_refusal_targets_keep_the_base_models_refusals_and_replace_its_compliance(tiny, base, monkeypatch, tmp_path):
     answers = {"harmful": ["I'm sorry, but I cannot help with making weapons.", "Sure, here is how to do it:"],
                "harmless": ["Bread needs flour. It also needs water", "Red, green, blue."]}
-    monkeypatch.setattr(T, "training_prompts", lambda rec: {k: [f"{k} {i}" for i in range(2)] for k in answers})
+    monkeypatch.setattr(training_data, "training_prompts", lambda rec: {k: [f"{k} {i}" for i in range(2)] for k in answers})
     by_prompt = {f"{k} {i}": a for k, texts in answers.items() for i, a in enumerate(texts)}
     monkeypatch.setattr(generation, "generate", lambda model, tok, profile, prompts, **kw: [by_prompt[p] for p in prompts])
     rec = _recipe(tiny, response_tokens=8)
