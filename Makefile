@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 
-.PHONY: setup reproduce test test-slow smoke train bench clean-runs
+.PHONY: setup reproduce test test-slow smoke train bench lab kernel clean-runs
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv .venv
@@ -30,6 +30,12 @@ train: setup  ## train the SFT / AT / LAT adapters of PROFILE (training.py; minu
 
 bench: setup  ## side-by-side benchmarks on PROFILE, written to BENCHMARKS.md
 	$(PY) bench/run_all.py --profile $(PROFILE)
+
+lab: setup  ## JupyterLab on this venv, opened in notebooks/ (Ctrl-C stops it)
+	.venv/bin/jupyter lab --notebook-dir=notebooks
+
+kernel: setup  ## register this venv as the kernel "refusal-lat" for a Jupyter you already have
+	$(PY) -m ipykernel install --user --name refusal-lat --display-name "Python (refusal-lat)"
 
 clean-runs:
 	rm -rf runs/

@@ -44,3 +44,14 @@ def test_runner_stops_naming_the_notebook_and_cell(tmp_path):
                              "--notebooks", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert "FAILED: 07_broken.ipynb, cell" in result.stderr and "ValueError: boom" in result.stderr
+
+
+def test_make_lab_has_jupyterlab_in_the_venv():
+    """`make lab` runs .venv/bin/jupyter lab: requirements must install it (and ipywidgets, for tqdm bars)."""
+    makefile = (REPO / "Makefile").read_text()
+    assert ".venv/bin/jupyter lab" in makefile
+    pins = {p.split("==")[0].lower() for p in _pins((REPO / "requirements.txt").read_text().splitlines())}
+    assert {"jupyterlab", "ipywidgets", "papermill", "bitsandbytes"} <= pins
+    jupyter = Path(sys.executable).parent / "jupyter-lab"
+    if (REPO / ".venv") in Path(sys.executable).parents:  # the Makefile's venv: the entry point must exist
+        assert jupyter.is_file(), jupyter
