@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,3 +56,24 @@ def test_make_lab_has_jupyterlab_in_the_venv():
     jupyter = Path(sys.executable).parent / "jupyter-lab"
     if (REPO / ".venv") in Path(sys.executable).parents:  # the Makefile's venv: the entry point must exist
         assert jupyter.is_file(), jupyter
+
+
+def _setup_cells():
+    cells = {}
+    for path in sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        cells[path.name] = [c.source for c in nb.cells if c.cell_type == "code" and c.source.startswith("# Setup.")]
+    return cells
+
+
+def test_every_notebook_has_the_same_setup_cell_and_it_finds_the_repository(tmp_path, monkeypatch):
+    cells = _setup_cells()
+    assert all(len(found) == 1 for found in cells.values()), cells.keys()
+    (source,) = {found[0] for found in cells.values()}
+    monkeypatch.chdir(REPO / "notebooks")  # where Jupyter and the runner start a notebook
+    scope = {"profile": "cpu", "run_dir": None}
+    exec(source, scope)
+    assert scope["ROOT"] == REPO and scope["profile"] == "cpu" and scope["run_dir"] is None
+    monkeypatch.chdir(tmp_path)  # outside the repository, not on Colab: one clear line, no StopIteration
+    with pytest.raises(SystemExit, match="helpers.py not found"):
+        exec(source, {"profile": "cpu", "run_dir": None})
