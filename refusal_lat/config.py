@@ -166,10 +166,6 @@ def load_profile(name: str = "cpu", overrides: dict | str | None = None) -> Prof
         spec = ModelSpec(**check_fields(ModelSpec, spec, f"profile '{name}' model '{role}'"))
         if spec.source not in SOURCES:
             raise ConfigError(f"profile '{name}' model '{role}': source {spec.source!r} not in {list(SOURCES)}")
-        n_layers = spec.config.get("num_hidden_layers") if spec.source == "tiny" else None
-        if n_layers is not None and values["layer"] >= n_layers:
-            raise ConfigError(f"profile '{name}': layer {values['layer']} out of range; model '{role}' has block "
-                              f"inputs 0..{n_layers - 1}")
         models[role] = spec
     values["models"] = models
     if values["dtype"] not in DTYPES:

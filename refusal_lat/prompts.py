@@ -35,7 +35,7 @@ def check_prompts(instructions: list):
     """Every prompt is text that encodes as UTF-8 (None is not silently an empty prompt)."""
     for i, text in enumerate(instructions):
         if not isinstance(text, str):
-            raise ConfigError(f"prompt {i} is {type(text).__name__} {str(text)[:30]!r}, not text; "
+            raise ConfigError(f"prompt {i} is {type(text).__name__} {repr(text)[:30]}, not text; "
                               f"fix or drop it in the prompt list")
         try:
             text.encode("utf-8")
