@@ -48,7 +48,7 @@ from refusal_lat.hooks import (  # noqa: F401
     orthogonalize_,
 )
 from refusal_lat.prefix import forward_after_prefix, prefill_shared_prefix  # noqa: F401
-from refusal_lat.store import stable_hash  # noqa: F401
+from refusal_lat.store import StoreError, atomic_write, stable_hash, write_failure  # noqa: F401
 from refusal_lat.activations import (  # noqa: F401
     activation_key,
     activation_metadata,
@@ -96,4 +96,4 @@ from refusal_lat.selection import (  # noqa: F401
     selection_table,
 )
 from refusal_lat.reference import PAPER_SVD, PAPER_SWEEP_BEST, PAPER_SWEEP_REFUSAL, PAPER_TABLE1  # noqa: F401
-from refusal_lat.report import compares_to_paper, markdown_table, summary_table  # noqa: F401
+from refusal_lat.report import compares_to_paper, error_bars, markdown_table, summary_table  # noqa: F401

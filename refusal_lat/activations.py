@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Profile
+from .config import ConfigError, Profile
 from .data import PromptSets, require_prompts
 from .hooks import capture_block_inputs
 from .models.load import model_fingerprint
@@ -46,9 +46,19 @@ def block_inputs(model, tokenizer, profile: Profile, instructions: list[str], de
     for start in tqdm(range(0, len(instructions), batch_size), desc=desc or "activations", leave=False):
         batch = tokenize(tokenizer, profile, instructions[start:start + batch_size], device,
                          max_length=context_length(model))
+        check_read_position(batch["attention_mask"], profile.read_position, instructions[start:start + batch_size])
         chunks.append(trunk_forward(model, batch["input_ids"], batch["attention_mask"], profile.read_position,
                                     capture=True))
     return torch.cat(chunks)
+
+
+def check_read_position(attention_mask: torch.Tensor, position: int, instructions: list[str]):
+    """A read position counted from the end must fall inside every prompt, not in its left padding."""
+    lengths = attention_mask.sum(1)
+    if position >= 0 or int(lengths.min()) < -position:
+        short = int(lengths.argmin())
+        raise ConfigError(f"read_position {position} lies outside prompt {instructions[short][:30]!r}… "
+                          f"({int(lengths[short])} tokens); use a position between -{int(lengths.min())} and -1")
 
 
 def activation_key(profile: Profile, role: str, sets: dict[str, list[str]]) -> dict:
@@ -56,7 +66,8 @@ def activation_key(profile: Profile, role: str, sets: dict[str, list[str]]) -> d
     return {"stage": VERSIONS["activations"], "model": model_fingerprint(profile, role),
             "dtype": profile.dtype, "quantization": profile.quantization, "template": profile.template,
             "read_position": profile.read_position,
-            "prompts": {name: stable_hash(prompts) for name, prompts in sets.items()}}
+            "prompts": {name: stable_hash(prompts) for name, prompts in sets.items()},
+            "rows": {name: len(prompts) for name, prompts in sets.items()}}
 
 
 def check_finite(acts: torch.Tensor, role: str, name: str):

@@ -101,15 +101,64 @@ def check_fields(cls, raw: dict, where: str) -> dict:
     return out
 
 
-def load_profile(name: str = "cpu", overrides: dict | None = None) -> Profile:
+def parse_overrides(overrides) -> dict:
+    """A dict, or the JSON/YAML text of one (papermill's CLI passes `-p overrides '{"layer": 14}'` as text)."""
+    if isinstance(overrides, str):
+        try:
+            overrides = yaml.safe_load(overrides)
+        except yaml.YAMLError:
+            pass
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ConfigError(f"overrides must be a dict like {{'n_eval': 64}} (or its JSON text), "
+                          f"got {type(overrides).__name__} {str(overrides)[:60]!r}")
+    return overrides or {}
+
+
+# int fields: (lowest, highest) allowed; None = no bound
+RANGES = {"read_position": (-64, -1), "layer": (0, None), "n_direction": (2, 100), "n_eval": (1, 520),
+          "batch_size": (1, None), "max_new_tokens": (1, None), "n_bootstrap": (1, None), "seed": (0, None),
+          "n_sweep": (1, 520), "n_val": (1, None), "n_harmless_check": (1, None), "train_threads": (0, None)}
+RANGE_NOTES = {"read_position": " (counted from the end of the prompt, -1 = last token: prompts are left padded, "
+                                "so a position >= 0 would read padding)"}
+
+
+def check_values(name: str, values: dict):
+    """Ranges and shapes of a profile's values (check_fields has checked their types)."""
+    where = f"profile '{name}'"
+    for key, (low, high) in RANGES.items():
+        if key in values and not ((low is None or values[key] >= low) and (high is None or values[key] <= high)):
+            span = f"{low} <= {key}" + (f" <= {high}" if high is not None else "")
+            raise ConfigError(f"{where}: {key} = {values[key]} is out of range; need {span}{RANGE_NOTES.get(key, '')}")
+    for key in ("pca_layers", "sweep_layers"):
+        bad = [v for v in values.get(key, []) if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+        if bad:
+            raise ConfigError(f"{where}: {key} must list block indices (ints >= 0), got {bad}")
+    tokens = values.get("refusal_tokens", ["I"])
+    if not tokens or any(not isinstance(t, str) or not t for t in tokens):
+        raise ConfigError(f"{where}: refusal_tokens must be a non-empty list of non-empty strings, got {tokens!r}")
+    if not values["models"]:
+        raise ConfigError(f"{where}: models is empty; name at least one model (the first is the base)")
+    template = values["template"]
+    if template != "chat":
+        try:
+            ok = "{prompt}" in template and template.format(prompt="") is not None
+        except (KeyError, IndexError, ValueError) as err:
+            ok = False
+            template = f"{template} ({type(err).__name__}: {err})"
+        if not ok:
+            raise ConfigError(f"{where}: template must be 'chat' or contain '{{prompt}}' and no other braces "
+                              f"(write a literal brace as {{{{ or }}}}), got {template!r}")
+
+
+def load_profile(name: str = "cpu", overrides: dict | str | None = None) -> Profile:
     """Read configs/<name>.yaml, apply `overrides` (same keys, e.g. from papermill) and validate."""
     if not isinstance(name, str) or name not in available_profiles():
         raise ConfigError(f"unknown profile {name!r}; valid profiles: {available_profiles()}")
-    if overrides is not None and not isinstance(overrides, dict):
-        raise ConfigError(f"overrides must be a dict like {{'n_eval': 64}}, got {type(overrides).__name__}")
+    overrides = parse_overrides(overrides)
     raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text()) or {}
-    raw = {**raw, **(overrides or {}), "name": name}
+    raw = {**raw, **overrides, "name": name}
     values = check_fields(Profile, raw, f"profile '{name}'")
+    check_values(name, values)
     models = {}
     for role, spec in values["models"].items():
         if not isinstance(spec, dict):
@@ -125,25 +174,25 @@ def load_profile(name: str = "cpu", overrides: dict | None = None) -> Profile:
         raise ConfigError(f"profile '{name}': device {values['device']!r} not in ['auto', 'cpu', 'cuda']")
     if values["quantization"] not in ("none", "nf4"):
         raise ConfigError(f"profile '{name}': quantization {values['quantization']!r} not in ['none', 'nf4']")
-    if values["template"] != "chat" and "{prompt}" not in values["template"]:
-        raise ConfigError(f"profile '{name}': template must be 'chat' or contain '{{prompt}}'")
-    if not 1 <= values["n_eval"] <= 520 or values["n_direction"] < 2 or not 1 <= values.get("n_sweep", 1) <= 520:
-        raise ConfigError(f"profile '{name}': need 1 <= n_eval <= 520 and n_direction >= 2")
     return Profile(**values)
 
 
-def start(profile: str = "cpu", overrides: dict | None = None, run: str | Path | None = None):
+def start(profile: str = "cpu", overrides: dict | str | None = None, run: str | Path | None = None):
     """The first call of every notebook: (Profile, run folder, figure folder)."""
     loaded = load_profile(profile, overrides)
-    paths = run_dir(loaded, run), figure_dir(loaded)
+    paths = run_dir(loaded, run), figure_dir(loaded, run, changed=bool(parse_overrides(overrides)))
     print(f"profile {loaded.name}: models {loaded.roles}, layer {loaded.layer}, template {loaded.template!r}, "
           f"read position {loaded.read_position}\nartifacts -> {paths[0]}\nfigures   -> {paths[1]}")
     return (loaded, *paths)
 
 
+def default_run_dir(profile: Profile) -> Path:
+    return REPO / "runs" / profile.name
+
+
 def run_dir(profile: Profile, base: str | Path | None = None) -> Path:
     """Where a profile's artifacts live: runs/<profile>/ unless the notebook names another folder."""
-    path = Path(base) if base else REPO / "runs" / profile.name
+    path = Path(base) if base else default_run_dir(profile)
     try:  # fail now, with what to do, rather than after an hour of generation
         path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
@@ -153,9 +202,17 @@ def run_dir(profile: Profile, base: str | Path | None = None) -> Path:
     return path
 
 
-def figure_dir(profile: Profile) -> Path:
-    path = REPO / "figures" / profile.name
-    path.mkdir(parents=True, exist_ok=True)
+def figure_dir(profile: Profile, run: str | Path | None = None, changed: bool = False) -> Path:
+    """figures/<profile>/ (the committed reference figures) for the profile's default run unchanged
+    (no overrides); <run_dir>/figures/ for any other run, so it never overwrites the reference."""
+    default = not changed and (
+        not run or Path(run).resolve() == default_run_dir(profile).resolve())
+    path = REPO / "figures" / profile.name if default else Path(run or default_run_dir(profile)) / "figures"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"figure folder {path} cannot be created ({err.strerror or type(err).__name__}); "
+                          f"remove or rename what is there (a file?) and rerun") from None
     return path
 
 

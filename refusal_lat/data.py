@@ -51,17 +51,27 @@ DATA_FILES.update({  # sha256 of the refusal_direction split files at commit 9d8
 
 def data_search_dirs(data_dir: str | Path | None = None) -> list[Path]:
     explicit = data_dir or os.environ.get("REFUSAL_LAT_DATA_DIR")
+    if explicit and not Path(explicit).is_dir():  # an explicit setting that cannot be used is an error
+        what = "data_dir" if data_dir else "REFUSAL_LAT_DATA_DIR"
+        state = "is a file" if Path(explicit).exists() else "does not exist"
+        raise DataError(f"{what}={explicit} {state}; point it at the folder that holds refusal_direction/ and "
+                        f"apart-lab-refusal-lat-project/, or unset it")
     dirs = [Path(explicit)] if explicit else []
     mirrors = [p / "shared" / "data" for p in REPO.parents if (p / "shared" / "data").is_dir()]  # a mirror beside the repo
     return dirs + [REPO / "data" / "cache"] + (mirrors[:1] or [REPO.parent / "shared" / "data"])
 
 
 def data_file(name: str, data_dir: str | Path | None = None) -> Path:
-    """Path of a pinned dataset file; a missing or altered file is a one-line DataError."""
+    """Path of a pinned dataset file; a missing or altered file is a one-line DataError. A folder named
+    explicitly (data_dir or REFUSAL_LAT_DATA_DIR) must hold the file: it is not skipped silently."""
     if name not in DATA_FILES:
         raise DataError(f"unknown dataset {name!r}; known: {sorted(DATA_FILES)}")
     entry = DATA_FILES[name]
     dirs = data_search_dirs(data_dir)
+    if (data_dir or os.environ.get("REFUSAL_LAT_DATA_DIR")) and not (dirs[0] / entry.path).is_file():
+        what = "data_dir" if data_dir else "REFUSAL_LAT_DATA_DIR"
+        raise DataError(f"{what}={dirs[0]} has no {entry.path} (dataset {name!r}); put the file there "
+                        f"or unset {what} to use the other sources")
     for folder in dirs:
         path = folder / entry.path
         if path.is_file():

@@ -21,6 +21,7 @@ def tokenize(tokenizer, profile: Profile, instructions: list[str], device="cpu",
     a chat template already contains whatever special tokens the model expects."""
     if not instructions:
         raise ConfigError("empty prompt list: nothing to run; check the dataset sizes in the profile")
+    check_prompts(instructions)
     texts = [format_prompt(tokenizer, profile, p) for p in instructions]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=profile.template != "chat")
     if max_length is not None and batch["attention_mask"].sum(1).max() > max_length:
@@ -28,6 +29,19 @@ def tokenize(tokenizer, profile: Profile, instructions: list[str], device="cpu",
         raise ConfigError(f"prompt {instructions[longest][:30]!r}… has {int(batch['attention_mask'][longest].sum())} "
                           f"tokens, more than the {max_length} the model's context allows here; shorten or drop it")
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def check_prompts(instructions: list):
+    """Every prompt is text that encodes as UTF-8 (None is not silently an empty prompt)."""
+    for i, text in enumerate(instructions):
+        if not isinstance(text, str):
+            raise ConfigError(f"prompt {i} is {type(text).__name__} {repr(text)[:30]}, not text; "
+                              f"fix or drop it in the prompt list")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ConfigError(f"prompt {i} ({text[:30]!r}…) is not valid text ({err.reason} at character "
+                              f"{err.start}); fix or drop it in the prompt list") from None
 
 
 def context_length(model) -> int:

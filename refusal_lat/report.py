@@ -53,3 +53,11 @@ def markdown_table(table: "pd.DataFrame") -> str:
                                                  for row in table.itertuples(index=False)]
     lines = ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join([lines[0], "|" + "---|" * len(table.columns)] + lines[1:])
+
+
+def error_bars(estimate, low, high):
+    """matplotlib's yerr [[below], [above]] for interval bounds around point estimates (scalars or arrays),
+    clipped at 0: a bootstrap interval need not contain its point estimate, and yerr must not be negative."""
+    import numpy as np
+    estimate, low, high = (np.atleast_1d(np.asarray(v, dtype=float)) for v in (estimate, low, high))
+    return [np.clip(estimate - low, 0, None), np.clip(high - estimate, 0, None)]

@@ -29,7 +29,8 @@ def unit_key(profile: Profile, target: str, source: str, layer, direction, promp
     return {"stage": VERSIONS["generation"], "target": model_fingerprint(profile, target),
             "source": source, "layer": layer, "direction": direction_hash, "dtype": profile.dtype,
             "quantization": profile.quantization, "template": profile.template,
-            "max_new_tokens": profile.max_new_tokens, "stop_at_eos": stop_at_eos, "prompts": stable_hash(prompts)}
+            "max_new_tokens": profile.max_new_tokens, "stop_at_eos": stop_at_eos, "prompts": stable_hash(prompts),
+            "rows": len(prompts)}
 
 
 def unit_groups(pending: list, n_prompts: int, batch_size: int) -> list[list]:
@@ -80,7 +81,7 @@ def generation_units(profile: Profile, run: Path, prompts: list[str], dirs_by_ro
             for i, (source, layer, direction, key, path) in enumerate(group):
                 rows = [{"i": j, "prompt": p, "completion": c}
                         for j, (p, c) in enumerate(zip(prompts, texts[i * len(prompts):(i + 1) * len(prompts)]))]
-                store(path, key, encode_jsonl(rows), seconds=seconds, units_in_batch=len(group))
+                store(path, key, encode_jsonl(rows), rows=len(rows), seconds=seconds, units_in_batch=len(group))
                 results[(target, source, layer)] = rows
         del model  # the next use_model may load another model
     return {u: results[u] for u in units}

@@ -5,6 +5,7 @@ exit naming the notebook and the cell. Timings and peak memory go to runs/<profi
 """
 import argparse
 import csv
+import io
 import resource
 import sys
 import time
@@ -38,11 +39,24 @@ def main() -> int:
     except H.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out_dir = run / "notebooks"
-    out_dir.mkdir(parents=True, exist_ok=True)
     notebooks = sorted(Path(args.notebooks).glob("[0-9][0-9]_*.ipynb"))
+    if not notebooks:
+        print(f"error: no NN_*.ipynb notebooks in {args.notebooks}; pass --notebooks <folder of notebooks>",
+              file=sys.stderr)
+        return 2
     if args.only:
-        notebooks = [nb for nb in notebooks if nb.name[:2] in args.only]
+        unknown = [o for o in args.only if not any(o in (nb.name[:2], nb.stem, nb.name) for nb in notebooks)]
+        if unknown:
+            print(f"error: --only {' '.join(unknown)} matches no notebook; use two-digit prefixes or names from "
+                  f"{[nb.name[:2] for nb in notebooks]} ({', '.join(nb.stem for nb in notebooks)})", file=sys.stderr)
+            return 2
+        notebooks = [nb for nb in notebooks if any(o in (nb.name[:2], nb.stem, nb.name) for o in args.only)]
+    out_dir = run / "notebooks"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"error: {H.write_failure(out_dir, err)}", file=sys.stderr)
+        return 2
     rows = []
     for nb in notebooks:
         if nb.name.startswith("00_") and not (args.train or missing_adapters(H, profile)):
@@ -50,21 +64,32 @@ def main() -> int:
             continue
         started = time.time()
         print(f"== {nb.name} on profile '{profile.name}'", flush=True)
+        executed = out_dir / nb.name
         try:
-            pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters={"profile": profile.name, "run_dir": str(run)},
+            pm.execute_notebook(str(nb), str(executed), parameters={"profile": profile.name, "run_dir": str(run)},
                                 cwd=str(nb.parent), kernel_name="python3", progress_bar=False)
         except pm.PapermillExecutionError as err:
             print(f"FAILED: {nb.name}, cell {err.cell_index} (execution count {err.exec_count}): "
-                  f"{err.ename}: {err.evalue}\n  executed copy: {out_dir / nb.name}", file=sys.stderr)
+                  f"{err.ename}: {err.evalue}\n  executed copy: {executed}", file=sys.stderr)
+            return 1
+        except OSError as err:  # disk full, folder gone: no half-written executed copy stays behind
+            executed.unlink(missing_ok=True)
+            print(f"FAILED: {nb.name}: {H.write_failure(out_dir, err)}", file=sys.stderr)
             return 1
         peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
         rows.append({"notebook": nb.name, "seconds": round(time.time() - started, 1),
                      "peak_rss_gib_so_far": round(peak_gib, 2)})
         print(f"   done in {rows[-1]['seconds']} s (peak RSS so far {peak_gib:.2f} GiB)", flush=True)
-    with open(run / "series.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["notebook", "seconds", "peak_rss_gib_so_far"])
+    if rows:  # a run that executed nothing keeps the last series.csv
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=["notebook", "seconds", "peak_rss_gib_so_far"])
         writer.writeheader()
         writer.writerows(rows)
+        try:
+            H.atomic_write(run / "series.csv", table.getvalue().encode())
+        except H.StoreError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -55,14 +55,43 @@ def gguf_from_pypi(spec: ModelSpec) -> Path:
     return gguf
 
 
-def converted_gguf_folder(spec: ModelSpec) -> Path:
-    """A float32 safetensors folder converted once from the GGUF (later loads take seconds)."""
+MARKER = "converted_from.json"
+
+
+def file_hashes(folder: Path) -> dict:
+    """{name: [bytes, sha256]} of every file in a converted folder except the marker."""
+    return {f.name: [f.stat().st_size, sha256_file(f)] for f in sorted(Path(folder).iterdir())
+            if f.is_file() and f.name != MARKER}
+
+
+_VERIFIED = {}  # folder -> stat signature already checked in this process (hashing 2 GB takes seconds)
+
+
+def verified_folder(folder: Path, sha256: str) -> bool:
+    """True when the folder's marker names this GGUF and every file it lists is there with its size and
+    sha256 (a cut or edited config.json or weights file is caught); False when there is no marker."""
+    marker = folder / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        recorded = json.loads(marker.read_text())
+    except ValueError:
+        return False
+    files = recorded.get("files")
+    if recorded.get("sha256") != sha256 or not files:
+        return False
+    signature = tuple((n, (folder / n).stat().st_size if (folder / n).is_file() else -1) for n in sorted(files))
+    if _VERIFIED.get(str(folder)) == signature:
+        return True
+    if any(size != files[n][0] for n, size in signature) or file_hashes(folder) != files:
+        return False
+    _VERIFIED[str(folder)] = signature
+    return True
+
+
+def convert(gguf: Path, out: Path):
+    """Dequantise the GGUF to float32 and save model + tokenizer as safetensors into `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder = CACHE_DIR / "models" / spec.id / "safetensors"
-    marker = folder / "converted_from.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("sha256") == spec.sha256:
-        return folder
-    gguf = gguf_from_pypi(spec)
     print(f"converting {gguf.name} to safetensors once (about a minute)…", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -73,11 +102,28 @@ def converted_gguf_folder(spec: ModelSpec) -> Path:
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
+    fresh.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def converted_gguf_folder(spec: ModelSpec) -> Path:
+    """A float32 safetensors folder converted once from the GGUF (later loads take seconds). It is built
+    in a temp folder whose marker (the GGUF's sha256 and each file's size and sha256) is written last,
+    then renamed into place; a folder whose files differ from its marker is converted again."""
+    folder = CACHE_DIR / "models" / spec.id / "safetensors"
+    if verified_folder(folder, spec.sha256):
+        return folder
+    if (folder / MARKER).is_file():
+        print(f"{folder} differs from its marker (cut or edited files); converting it again", file=sys.stderr)
+    gguf = gguf_from_pypi(spec)
     tmp = folder.with_name("safetensors.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    fresh.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "converted_from.json").write_text(json.dumps({"gguf": gguf.name, "sha256": spec.sha256}))
+    tmp.mkdir(parents=True)
+    convert(gguf, tmp)
+    (tmp / MARKER).write_text(json.dumps({"gguf": gguf.name, "sha256": spec.sha256, "files": file_hashes(tmp)}))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+    if not verified_folder(folder, spec.sha256):
+        raise DataError(f"the converted model in {folder} does not match its marker right after conversion; "
+                        f"delete {folder} and check the disk (free space?)")
     return folder

@@ -109,10 +109,11 @@ def adapter_location(spec: ModelSpec) -> str:
 
 
 def model_fingerprint(profile: Profile, role: str) -> dict:
-    """What identifies a role's weights in cache keys: its spec, plus the adapter file's sha256 for
-    local adapters (retraining one must not reuse stale activations or generations)."""
+    """What identifies a role's weights in cache keys: its spec, the device type it runs on (CPU and
+    CUDA kernels give other numbers), plus the adapter file's sha256 for local adapters (retraining one
+    must not reuse stale activations or generations)."""
     spec = model_role_spec(profile, role)
-    out = dataclasses.asdict(spec)
+    out = {**dataclasses.asdict(spec), "device": "cuda" if use_cuda(profile) else "cpu"}
     if spec.adapter and Path(adapter_location(spec)).is_dir():
         out["adapter_sha256"] = sha256_file(Path(adapter_location(spec)) / "adapter_model.safetensors")
     return out

@@ -98,7 +98,7 @@ def base_answers(profile: Profile, rec: Recipe, model, tokenizer, prompts: list[
         for prompt, answer in zip(missing, answers):
             cut = len(tokenizer(answer, add_special_tokens=False)["input_ids"]) >= rec.response_tokens
             cached[prompt] = {"prompt": prompt, "answer": answer, "cut": cut}
-        store(path, key, encode_jsonl(list(cached.values())))
+        store(path, key, encode_jsonl(list(cached.values())), rows=len(cached))
     return {p: cached[p] for p in prompts}
 
 

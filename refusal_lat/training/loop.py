@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from ..config import REPO, Profile, model_role_spec
 from ..models.load import free_memory, load_model
 from ..hooks import perturbation
-from ..store import VERSIONS, atomic_write, stable_hash
+from ..store import VERSIONS, StoreError, atomic_write, stable_hash, write_failure
 from .data import collate, data_order, training_examples
 from .pgd import arm_epsilon, epsilon_report, pgd_attack, residual_norms, sft_loss
 from .recipe import ARMS, Recipe, perturb_layer, recipe
@@ -88,20 +89,36 @@ def adapter_root(rec: Recipe) -> Path:
 
 
 def save_arm(peft_model, log: dict, out: Path, base_id: str):
-    """PEFT save_pretrained (adapter_config.json + adapter_model.safetensors), the log as JSON and
-    the per-step rows as CSV. The base is recorded by its id, not by this machine's cache path."""
+    """PEFT save_pretrained (adapter_config.json + adapter_model.safetensors), the log as JSON (with
+    adapter_mb) and the per-step rows as CSV. The base is recorded by its id, not by this machine's
+    cache path. Everything is written into <out>.tmp and renamed to `out` when complete, so a killed
+    save never leaves a torn adapter folder that a later run would load."""
+    import shutil
     import pandas as pd
-    out.mkdir(parents=True, exist_ok=True)
-    for config in peft_model.peft_config.values():
-        config.base_model_name_or_path = base_id
-    peft_model.save_pretrained(out, save_embedding_layers=False)  # LoRA on q/v only; no hub lookup
-    (out / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
-    atomic_write(out / "train_log.json", json.dumps(log, indent=1).encode())
-    table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("examples", "attack_losses")} for r in log["rows"]])
-    if "attack_losses" in log["rows"][0]:
-        for i in range(len(log["rows"][0]["attack_losses"])):
-            table[f"attack_loss_{i}"] = [r["attack_losses"][i] for r in log["rows"]]
-    atomic_write(out / "train_log.csv", table.to_csv(index=False).encode())
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for config in peft_model.peft_config.values():
+            config.base_model_name_or_path = base_id
+        peft_model.save_pretrained(tmp, save_embedding_layers=False)  # LoRA on q/v only; no hub lookup
+        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
+        log["adapter_mb"] = adapter_megabytes(tmp)
+        atomic_write(tmp / "train_log.json", json.dumps(log, indent=1).encode())
+        table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("examples", "attack_losses")} for r in log["rows"]])
+        if "attack_losses" in log["rows"][0]:
+            for i in range(len(log["rows"][0]["attack_losses"])):
+                table[f"attack_loss_{i}"] = [r["attack_losses"][i] for r in log["rows"]]
+        atomic_write(tmp / "train_log.csv", table.to_csv(index=False).encode())
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StoreError(write_failure(out.parent, err)) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def load_log(folder: Path) -> dict:
@@ -167,8 +184,6 @@ def train_profile(profile: Profile, arms=ARMS, overrides: dict | None = None, ou
         log = {**common, **log, "clean_loss_before": sum(before) / len(before),
                "clean_loss_after": sum(after) / len(after), "clean_losses_before": before, "clean_losses_after": after}
         save_arm(peft_model, log, out / arm, spec.id)
-        log["adapter_mb"] = adapter_megabytes(out / arm)
-        atomic_write(out / arm / "train_log.json", json.dumps(log, indent=1).encode())
         logs[arm] = log
         print(f"{arm}: {log['steps']} steps in {log['seconds']} s; clean loss {log['clean_loss_before']:.3f} -> "
               f"{log['clean_loss_after']:.3f}; adapter {log['adapter_mb']} MB -> {out / arm}", flush=True)
