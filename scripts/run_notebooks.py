@@ -67,7 +67,8 @@ def main() -> int:
         executed = out_dir / nb.name
         try:
             pm.execute_notebook(str(nb), str(executed), parameters={"profile": profile.name, "run_dir": str(run)},
-                                cwd=str(nb.parent), kernel_name="python3", progress_bar=False)
+                                cwd=str(nb.parent), kernel_name="python3", progress_bar=False,
+                                extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no TCP-transport warning
         except pm.PapermillExecutionError as err:
             print(f"FAILED: {nb.name}, cell {err.cell_index} (execution count {err.exec_count}): "
                   f"{err.ename}: {err.evalue}\n  executed copy: {executed}", file=sys.stderr)
