@@ -245,6 +245,18 @@ def difference_matrix(harmful, harmless) -> np.ndarray:
     return a - b
 
 
+MASSIVE_DIM = 2533  # a Llama-2-7b "massive activation" channel (|x| ~ 40 where typical |x| < 2)
+
+
+def massive_activation_pairs(harmful, harmless, dim: int = MASSIVE_DIM, min_abs: float = 10.0) -> np.ndarray:
+    """Bool [n]: pairs where either row has |x[dim]| > min_abs. In the released files only LAT has such
+    rows (16 harmful + 19 harmless from layer 8 on, none for base/AT): a BOS/pad-like read position, not a
+    last-prompt-token activation; use this mask for sensitivity analyses (drop those pairs)."""
+    a = np.abs(np.asarray(harmful.detach().cpu() if hasattr(harmful, "detach") else harmful, np.float64)[:, dim])
+    b = np.abs(np.asarray(harmless.detach().cpu() if hasattr(harmless, "detach") else harmless, np.float64)[:, dim])
+    return (a > min_abs) | (b > min_abs)
+
+
 def frobenius_norm(d: np.ndarray) -> float:
     return float(np.sqrt(np.sum(np.asarray(d, np.float64) ** 2)))
 

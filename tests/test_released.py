@@ -228,3 +228,16 @@ def test_human_labels_semantics():
     assert (no_abl.completion == no_abl.unablated_completion).all() and not no_abl.human.any()
     adv = df[df.dataset == "advbench_test"].groupby("variant").human.sum().to_dict()
     assert adv == {"at": 50, "baseline": 72, "lat": 39, "no_ablation": 0}  # SOURCE.md's counts
+
+
+def test_massive_activation_pairs_mask():
+    h, hl = np.zeros((4, 3000)), np.zeros((4, 3000))
+    h[1, R.MASSIVE_DIM], hl[3, R.MASSIVE_DIM], h[2, R.MASSIVE_DIM] = 40.0, -41.0, 5.0
+    assert R.massive_activation_pairs(torch.tensor(h), hl).tolist() == [False, True, False, True]
+
+
+@needs_mirror
+def test_only_lat_has_massive_activation_rows():
+    for model in ("base", "AT", "LAT"):
+        n = int(R.massive_activation_pairs(*R.load_released_activations(model, 20)).sum())
+        assert (n > 0) == (model == "LAT")
