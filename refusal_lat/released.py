@@ -1,11 +1,11 @@
-"""The authors' released artifacts (nlpet/apart-lab-refusal-lat-project @ 6f2343a8): registry, loaders,
-SVD of the real layer activations with bootstrap intervals, and judge validation against human labels.
+"""The authors' released artifacts (nlpet/apart-lab-refusal-lat-project @ 6f2343a8): loaders, SVD of the
+real Llama-2-7b layer activations with bootstrap intervals, the paper's Figure 2 layout, and judge validation
+against human labels (notebooks 02 and 03; docs/method.md, "The authors' released data").
 
-Self-contained on purpose (no `import helpers`): judges come in as callables, files through
-`released_file`, which follows the project's data-source rules (explicit dir or REFUSAL_LAT_DATA_DIR ->
-<repo>/data/cache -> the nearest shared/data beside the repo or above it -> the upstream URL, downloaded
-into <repo>/data/cache), every file checked against its pinned sha256. The upstream repository has no
-licence: nothing of it is committed here; it is read from the offline mirror or fetched at run time.
+Files are pinned in data.DATA_FILES and found by data.data_file (explicit folder or REFUSAL_LAT_DATA_DIR ->
+<repo>/data/cache -> the nearest shared/data -> the upstream URL, downloaded into the cache), each checked
+against its sha256. The upstream repository has no licence: nothing of it is committed here.
+Judges come in as callables (list[str] -> list[bool], True = attack success).
 
 What the files are (checked against the files themselves; see tests/test_released.py):
 - data_store/ablated_llama-2-7b/{baseline,at,lat}/{harmful,harmless}_layer{L}.pt: float16 [100, 4096], the
@@ -24,212 +24,52 @@ What the files are (checked against the files themselves; see tests/test_release
 """
 from __future__ import annotations
 
-import hashlib
-import math
-import os
-import tempfile
-import urllib.request
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-UPSTREAM = ("https://raw.githubusercontent.com/nlpet/apart-lab-refusal-lat-project/"
-            "6f2343a83e2e37bc8893bd613338b6253ae99ef2/")
-MIRROR_FOLDER = "apart-lab-refusal-lat-project"  # its folder under shared/data
-RELEASED_LAYERS = (1, 2, 3, 4, 8, 12, 16, 20)
+from .config import DataError
+from .data import RELEASED_LAYERS, data_file, released_key
+from .stats import agreement, wilson
+from .svd import gram_ratios, paired_differences
+
 MODELS = {"base": "baseline", "AT": "at", "LAT": "lat"}  # project role -> upstream folder
 VARIANT_MODEL = {"no_ablation": "none", "baseline": "base", "at": "AT", "lat": "LAT"}  # CSV variant -> role
 N_COMPONENTS = 10
-Z95 = 1.959963984540054
-
-
-class ReleasedDataError(RuntimeError):
-    """A released file that is missing, altered or asked for by a wrong name (one-line message)."""
-
-
-@dataclass(frozen=True)
-class ReleasedFile:
-    path: str    # relative path under a data folder (the same in every source folder)
-    url: str
-    sha256: str
-
-
-_SHA256 = {  # sha256sum of the mirror, byte-identical to the upstream commit
-    "data_store/ablated_llama-2-7b/at/harmful_layer1.pt": "cb11513599ced996b976bfbdad3b0d36c53de31b10968a835216f75ede415688",
-    "data_store/ablated_llama-2-7b/at/harmful_layer12.pt": "260d42f5f803d2e86896fba67a97a9990818f8563aacf1b9ed94e6af697adff7",
-    "data_store/ablated_llama-2-7b/at/harmful_layer16.pt": "d1d81a12d13959108fc47179028c4c29dcd2b6cab7b012dd7181845195bd9bcc",
-    "data_store/ablated_llama-2-7b/at/harmful_layer2.pt": "04c7a4366b1843634b8d4dfb80f1c8de511756348b79d1d526a63f386c513a0c",
-    "data_store/ablated_llama-2-7b/at/harmful_layer20.pt": "969b965e3cb2235c48013875a9e2909b8611737440d2bdf1822a24b7e00c9a9d",
-    "data_store/ablated_llama-2-7b/at/harmful_layer3.pt": "b3e40b39064a253aeadadd81b05bdcec32c2ff8abc5192a72b4688dbfd99d6cd",
-    "data_store/ablated_llama-2-7b/at/harmful_layer4.pt": "654aa133bad7669cde5a34c9af58c66746a2ac5d2e95655290b091faeb0a5eee",
-    "data_store/ablated_llama-2-7b/at/harmful_layer8.pt": "6be104f5b3f2ca157c558d09e43d16262579958d7e75d01a1c5ecb359b7496f8",
-    "data_store/ablated_llama-2-7b/at/harmless_layer1.pt": "0e98eb9f36d3256aa18776e9a28c784ee0d1e1b6ec7308f90452e1cde3461a95",
-    "data_store/ablated_llama-2-7b/at/harmless_layer12.pt": "51a3413610c29d7fb3f951dd29b014b2d868a0772037e009042d0dab06d95b62",
-    "data_store/ablated_llama-2-7b/at/harmless_layer16.pt": "c9d4377dcd6fa259743aba987c3df4aa98f03d47c2d37fdb4140995ded1d9520",
-    "data_store/ablated_llama-2-7b/at/harmless_layer2.pt": "fb5f37abc24453e956d0d69480ac6f8e68148b2e18772a14bbd466694e139e39",
-    "data_store/ablated_llama-2-7b/at/harmless_layer20.pt": "2b85c2747b99047a7ceed03d46492eec6ce111f370719579ac2d3464b9532b27",
-    "data_store/ablated_llama-2-7b/at/harmless_layer3.pt": "243b29858dbbfa90af57223f16c995c8250ee1936fee0062a86a6b1380539363",
-    "data_store/ablated_llama-2-7b/at/harmless_layer4.pt": "fddf1763d58652a1fea796960608109bb4db446a42d91de0673a9e60ef12a4b8",
-    "data_store/ablated_llama-2-7b/at/harmless_layer8.pt": "6f7fa0ca6918010056ead9c2f9381de6499a7d46fe88e73bd4fea56bc7d1db6f",
-    "data_store/ablated_llama-2-7b/baseline/harmful_layer1.pt": "971796ffcab02ac3d109e19268608fa10b488e775981fe35de368e02aec74dc5",
-    "data_store/ablated_llama-2-7b/baseline/harmful_layer12.pt": "7ee6539f8525274fa016fbbec53e318bc1cabbd7e2747d110d281c3f9ada1121",
-    "data_store/ablated_llama-2-7b/baseline/harmful_layer16.pt": "54268a827f79832d7ab762c666a450fb4edd515c5c642a8980f7e93d9d139801",
-    "data_store/ablated_llama-2-7b/baseline/harmful_layer2.pt": "2cc2e4d59b5c3a5cbc9a829feefa54fb3a1dee157d0d0701b87ab9a364daa8aa",
-    "data_store/ablated_llama-2-7b/baseline/harmful_layer20.pt": "b3d3e7675957fb59705de5fe556f42458e2136a9d0bee64a18d72653730f70e7",
-    "data_store/ablated_llama-2-7b/baseline/harmful_layer3.pt": "dac342722994c54c0f58b86ad32dec9a9e3c247c1359d643a21e0180ac1d126c",
-    "data_store/ablated_llama-2-7b/baseline/harmful_layer4.pt": "9a25ee485c53bd9379484af9d9f348c6adedde4dd04f52c55b06004f2ebcfc8e",
-    "data_store/ablated_llama-2-7b/baseline/harmful_layer8.pt": "82beeb5dfed8916303237098aac49b4bb0b4f1154cc1123154fcc8d5b2af3428",
-    "data_store/ablated_llama-2-7b/baseline/harmless_layer1.pt": "8525d475c530f792ce8f167d346af70df38077e6be4fe1fb28d0f4d0462b0812",
-    "data_store/ablated_llama-2-7b/baseline/harmless_layer12.pt": "9fc868632f2640c91fe01248ccbed3de56d8cb81e70a3b9f72cf983529624227",
-    "data_store/ablated_llama-2-7b/baseline/harmless_layer16.pt": "4dbb3f5fed7e7583e4ecc3042946e0fcdaad985c765e1dd43a5a04482efbc48f",
-    "data_store/ablated_llama-2-7b/baseline/harmless_layer2.pt": "d0d0bed3650709b3c972b905d3462ad27ed82dc646f9a41a7966bbc45b13cab5",
-    "data_store/ablated_llama-2-7b/baseline/harmless_layer20.pt": "810545c087f243cd1b81dd93990a38d3b5a736e87a3bda59516423ae82c6467d",
-    "data_store/ablated_llama-2-7b/baseline/harmless_layer3.pt": "06bf95e6a522206316ec57af6364bb20e3f387b7ca153006679f9c9fe72cafc8",
-    "data_store/ablated_llama-2-7b/baseline/harmless_layer4.pt": "1bf4945797b9167a2015f6cd2682cbe0c1555a5f31037525b422fce8f8b2423f",
-    "data_store/ablated_llama-2-7b/baseline/harmless_layer8.pt": "f7a591a2a57ff8b646c254be6b41ff47a62345f2e7d9cbd18a5ec8202165bbda",
-    "data_store/ablated_llama-2-7b/lat/harmful_layer1.pt": "3c06b4a43e5ef788eebd352af5413998d2031b66028b6a7da6c3ee9c8758749b",
-    "data_store/ablated_llama-2-7b/lat/harmful_layer12.pt": "5278edc7eedaabbe436bc21d2461c1ab65bbc9825f4d3de013c3b0e654264648",
-    "data_store/ablated_llama-2-7b/lat/harmful_layer16.pt": "d9bcb42e0b5c9e0ee2b1ec41675fc1207e61466387de2135602fe3b7918c696f",
-    "data_store/ablated_llama-2-7b/lat/harmful_layer2.pt": "c21df658860817cbee8ba2070d0b3cb7feb6347c962fa0472e3960def1c0f819",
-    "data_store/ablated_llama-2-7b/lat/harmful_layer20.pt": "47070dbed8352566d2b600fc9651aa906fbad31121a641adb0ed769baf25d602",
-    "data_store/ablated_llama-2-7b/lat/harmful_layer3.pt": "66c759e5f00795e3859d36d0d62d3bccbce391bdd7305b960547749c5927d2f5",
-    "data_store/ablated_llama-2-7b/lat/harmful_layer4.pt": "e81e9d184143dbbad18fe2d61cfccdbc8327c4d0065b02ec66356e13b3d549a4",
-    "data_store/ablated_llama-2-7b/lat/harmful_layer8.pt": "75e06e8c63158f769b6964b5f15328a17789cb51672e5a694140f7c2c95eebfa",
-    "data_store/ablated_llama-2-7b/lat/harmless_layer1.pt": "b314bb760f155d498e5b7d18db168d1f1128e3ffc37e799ee0d8665dc90d3136",
-    "data_store/ablated_llama-2-7b/lat/harmless_layer12.pt": "525a1f6c8e8f4fb1548efbf5141d27b9dbed665c37f2abac4faf9ed781ee1b22",
-    "data_store/ablated_llama-2-7b/lat/harmless_layer16.pt": "13738b45b835b276ad6b5282164602bc237a4837d92fcec3b5a0cbbbb25a61a4",
-    "data_store/ablated_llama-2-7b/lat/harmless_layer2.pt": "566ccb77d211bf1dd073b33e4c02368fb6fba396e0a5c351c67fa209c188d3b9",
-    "data_store/ablated_llama-2-7b/lat/harmless_layer20.pt": "3837377a5f124ae66a00fbd6ec741558ce14223cea918909feeb94c1cd6b7944",
-    "data_store/ablated_llama-2-7b/lat/harmless_layer3.pt": "f08bfbacc6afd14c040f22b522f78f4a92f093bdd3fe255f0a24789a54ac4b95",
-    "data_store/ablated_llama-2-7b/lat/harmless_layer4.pt": "c752b9f62325fd5b472b3e623d3c5768799e0290dd6bbd4182a37e8e19d44bbe",
-    "data_store/ablated_llama-2-7b/lat/harmless_layer8.pt": "efe8f437ac18e3a9f53ce94ce687d80c2721d88187461709c59bc204d77957dc",
-    "data_store/completions.json": "23d9f10b1ffa465b98de9fb5aa1c8ee107f70213566219ff0537e96fd0f882e2",
-    "datasets/completions_with_human_annots.csv": "b4fde36dd6c0ff8ccb75d68a1843674a92ef54e1c76faef8425a2e496bb4ce30",
-}
-
-
-def _activation_path(model_folder: str, kind: str, layer: int) -> str:
-    return f"data_store/ablated_llama-2-7b/{model_folder}/{kind}_layer{layer}.pt"
-
-
-RELEASED_FILES: dict[str, ReleasedFile] = {
-    rel: ReleasedFile(f"{MIRROR_FOLDER}/{rel}", UPSTREAM + rel, sha) for rel, sha in _SHA256.items()}
-ALIASES = {"human_annots": "datasets/completions_with_human_annots.csv",
-           "completions_json": "data_store/completions.json"}
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Files
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def search_dirs(data_dir: str | Path | None = None, cache_dir: str | Path | None = None) -> list[Path]:
-    """Explicit folder (argument, else REFUSAL_LAT_DATA_DIR) -> <repo>/data/cache -> nearest shared/data."""
-    explicit = data_dir or os.environ.get("REFUSAL_LAT_DATA_DIR")
-    dirs = [Path(explicit)] if explicit else []
-    mirrors = [p / "shared" / "data" for p in REPO.parents if (p / "shared" / "data").is_dir()]
-    cache = Path(cache_dir) if cache_dir else REPO / "data" / "cache"
-    return dirs + [cache] + (mirrors[:1] or [REPO.parent / "shared" / "data"])
-
-
-def _atomic_write_bytes(path: Path, payload: bytes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _registry_key(name: str, registry: Mapping[str, ReleasedFile]) -> str:
-    name = ALIASES.get(name, name)
-    if name in registry:
-        return name
-    for key, entry in registry.items():  # also accept the path under the data folder
-        if entry.path == name:
-            return key
-    raise ReleasedDataError(f"unknown released file {name!r}; use a path like "
-                            f"{_activation_path('lat', 'harmful', 12)!r} or one of {sorted(ALIASES)}")
-
-
-def released_file(name_or_relpath: str, data_dir: str | Path | None = None, *,
-                  registry: Mapping[str, ReleasedFile] | None = None,
-                  cache_dir: str | Path | None = None, timeout: float = 30) -> Path:
-    """Local path of a pinned released file, downloaded into the cache if no source folder has it.
-    Missing everywhere or altered -> a one-line ReleasedDataError."""
-    registry = RELEASED_FILES if registry is None else registry
-    key = _registry_key(name_or_relpath, registry)
-    entry = registry[key]
-    dirs = search_dirs(data_dir, cache_dir)
-    for folder in dirs:
-        path = folder / entry.path
-        if path.is_file():
-            got = sha256_file(path)
-            if got != entry.sha256:
-                raise ReleasedDataError(
-                    f"{path} has sha256 {got[:16]}… but {key} is pinned to {entry.sha256[:16]}…; "
-                    f"restore the original file (or delete it to use the next source)")
-            return path
-    target = dirs[-2] / entry.path  # the cache folder
-    if entry.url:
-        try:
-            with urllib.request.urlopen(entry.url, timeout=timeout) as response:
-                payload = response.read()
-            if hashlib.sha256(payload).hexdigest() == entry.sha256:
-                _atomic_write_bytes(target, payload)
-                return target
-            reason = "the download's sha256 differs from the pin"
-        except (OSError, ValueError) as err:
-            reason = f"download failed ({type(err).__name__})"
-    else:
-        reason = "it has no public URL"
-    looked = ", ".join(str(d / entry.path) for d in dirs)
-    raise ReleasedDataError(f"released file {key!r} not found: looked in {looked}; {reason} from "
-                            f"{entry.url or 'the mirror'}. Put the file at one of those paths or set "
-                            f"REFUSAL_LAT_DATA_DIR")
-
+# 1. Files (registered in data.DATA_FILES, resolved and sha256-checked by data.data_file)
 
 def model_folder(model: str) -> str:
-    folders = {**MODELS, **{m.lower(): f for m, f in MODELS.items()}, **{f: f for f in MODELS.values()}}
-    if model not in folders and str(model).lower() not in folders:
-        raise ReleasedDataError(f"unknown model {model!r}; released models: {', '.join(MODELS)}")
-    return folders.get(model, folders.get(str(model).lower()))
+    """Upstream folder of a released model: base/AT/LAT (any case) or the folder name itself."""
+    folders = {**{m.lower(): f for m, f in MODELS.items()}, **{f: f for f in MODELS.values()}}
+    if str(model).lower() not in folders:
+        raise DataError(f"unknown model {model!r}; released models: {', '.join(MODELS)}")
+    return folders[str(model).lower()]
 
 
-def load_released_activations(model: str, layer: int, data_dir: str | Path | None = None):
+def load_released_activations(model: str, layer: int, data_dir=None):
     """(harmful, harmless) float32 [100, 4096] CPU tensors: the residual stream entering block `layer`
     at the last prompt token, row i of each paired (the authors' index pairing)."""
     import torch
     folder = model_folder(model)
     if layer not in RELEASED_LAYERS:
-        raise ReleasedDataError(f"layer {layer} was not released; released layers: "
+        raise DataError(f"layer {layer} was not released; released layers: "
                                 f"{', '.join(map(str, RELEASED_LAYERS))}")
     out = []
     for kind in ("harmful", "harmless"):
-        path = released_file(_activation_path(folder, kind, layer), data_dir)
+        path = data_file(released_key(folder, kind, layer), data_dir)
         x = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(x, torch.Tensor) or x.ndim != 2:
-            raise ReleasedDataError(f"{path}: expected a 2-D tensor, got {type(x).__name__} "
-                                    f"{getattr(x, 'shape', '')}")
+            raise DataError(f"{path}: expected a 2-D tensor, got {type(x).__name__} {getattr(x, 'shape', '')}")
         x = x.float()
         if not torch.isfinite(x).all():
-            raise ReleasedDataError(f"{path}: NaN/Inf in the activations")
+            raise DataError(f"{path}: NaN/Inf in the activations")
         out.append(x)
     if out[0].shape != out[1].shape:
-        raise ReleasedDataError(f"model {model}, layer {layer}: harmful {tuple(out[0].shape)} and harmless "
-                                f"{tuple(out[1].shape)} differ; they must be index-paired")
+        raise DataError(f"model {model}, layer {layer}: harmful {tuple(out[0].shape)} and harmless "
+                        f"{tuple(out[1].shape)} differ; they must be index-paired")
     return out[0], out[1]
 
 
@@ -237,12 +77,8 @@ def load_released_activations(model: str, layer: int, data_dir: str | Path | Non
 # 2. SVD of the paired differences D = harmful_i - harmless_i (uncentered, as in the paper)
 
 def difference_matrix(harmful, harmless) -> np.ndarray:
-    """D[i] = harmful[i] - harmless[i] as float64 numpy [n, d]."""
-    a = harmful.detach().cpu().double().numpy() if hasattr(harmful, "detach") else np.asarray(harmful, float)
-    b = harmless.detach().cpu().double().numpy() if hasattr(harmless, "detach") else np.asarray(harmless, float)
-    if a.ndim != 2 or a.shape != b.shape:
-        raise ValueError(f"harmful {a.shape} and harmless {b.shape} must be the same 2-D [n, d] shape")
-    return a - b
+    """D[i] = harmful[i] - harmless[i] as float64 numpy [n, d] (svd.paired_differences)."""
+    return paired_differences(harmful, harmless)
 
 
 MASSIVE_DIM = 2533  # a Llama-2-7b "massive activation" channel (|x| ~ 40 where typical |x| < 2)
@@ -250,44 +86,38 @@ MASSIVE_DIM = 2533  # a Llama-2-7b "massive activation" channel (|x| ~ 40 where 
 
 def massive_activation_pairs(harmful, harmless, dim: int = MASSIVE_DIM, min_abs: float = 10.0) -> np.ndarray:
     """Bool [n]: pairs where either row has |x[dim]| > min_abs. In the released files only LAT has such
-    rows (16 harmful + 19 harmless from layer 8 on, none for base/AT): a BOS/pad-like read position, not a
-    last-prompt-token activation; use this mask for sensitivity analyses (drop those pairs)."""
+    rows (16-17 harmful + 19-24 harmless of 100 from layer 2 on; none for base/AT), at the size Llama-2 puts on
+    its first token; whether they come from the model at the read position or from how the activations were
+    read cannot be decided from the files. Use the mask for sensitivity analyses (drop those pairs)."""
     a = np.abs(np.asarray(harmful.detach().cpu() if hasattr(harmful, "detach") else harmful, np.float64)[:, dim])
     b = np.abs(np.asarray(harmless.detach().cpu() if hasattr(harmless, "detach") else harmless, np.float64)[:, dim])
     return (a > min_abs) | (b > min_abs)
+
+
+def flagged_pairs(models: Sequence[str] = tuple(MODELS), layers: Sequence[int] = RELEASED_LAYERS,
+                  data_dir=None) -> dict[int, np.ndarray]:
+    """{layer: bool [n]}: pairs that massive_activation_pairs flags in ANY of `models` at that layer (in the
+    released files: LAT's only). Dropping them from every model keeps the models index-paired."""
+    out = {}
+    for layer in layers:
+        masks = [massive_activation_pairs(*load_released_activations(m, layer, data_dir)) for m in models]
+        out[layer] = np.logical_or.reduce(masks)
+    return out
+
+
+def drop_pairs(diffs: Mapping, flagged: Mapping[int, np.ndarray]) -> dict:
+    """{(model, layer): D without the rows flagged at that layer}."""
+    return {(m, l): d[~flagged[l]] for (m, l), d in diffs.items()}
 
 
 def frobenius_norm(d: np.ndarray) -> float:
     return float(np.sqrt(np.sum(np.asarray(d, np.float64) ** 2)))
 
 
-def _center_gram(gram: np.ndarray) -> np.ndarray:
-    return gram - gram.mean(0, keepdims=True) - gram.mean(1, keepdims=True) + gram.mean()
-
-
-def gram_ratios(gram: np.ndarray, k: int = N_COMPONENTS, centered: bool = False) -> np.ndarray:
-    """Top-k s^2 / sum s^2 of D from its Gram matrix D D^T (same nonzero spectrum); zero-padded to k."""
-    g = _center_gram(gram) if centered else gram
-    eig = np.clip(np.linalg.eigvalsh(g)[::-1], 0, None)
-    total = eig.sum()
-    if total <= 0:
-        raise ValueError("the difference matrix is zero; no spectrum to share out")
-    out = np.zeros(k)
-    out[:min(k, len(eig))] = eig[:k] / total
-    return out
-
-
 def variance_ratios(d: np.ndarray, k: int = N_COMPONENTS, centered: bool = False) -> np.ndarray:
     """s^2 / sum s^2 of D (centered: of D minus its column means), the first k, largest first."""
     d = np.asarray(d, np.float64)
-    if centered:
-        d = d - d.mean(0)
-    s2 = np.linalg.svd(d, compute_uv=False) ** 2
-    if s2.sum() <= 0:
-        raise ValueError("the difference matrix is zero; no spectrum to share out")
-    out = np.zeros(k)
-    out[:min(k, len(s2))] = s2[:k] / s2.sum()
-    return out
+    return gram_ratios(d @ d.T, k, centered)
 
 
 def bootstrap_indices(n: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
@@ -458,42 +288,20 @@ def human_labels(data_dir=None):
     completion (the judged one: `intervention_completion`), unablated_completion, human, regex,
     llamaguard2 (bools, True = attack success)."""
     import pandas as pd
-    raw = pd.read_csv(released_file("human_annots", data_dir), keep_default_na=False)
+    raw = pd.read_csv(data_file("released_human_annots", data_dir), keep_default_na=False)
     bools = {"is_success_regex": "regex", "is_success_llamaguard2": "llamaguard2",
              "is_successful_human_annot": "human"}
     for col in bools:
         if raw[col].dtype != bool:
             raw[col] = raw[col].astype(str).str.lower().map({"true": True, "false": False})
             if raw[col].isna().any():
-                raise ReleasedDataError(f"{col}: values other than True/False in the human-annotation CSV")
+                raise DataError(f"{col}: values other than True/False in the human-annotation CSV")
     return pd.DataFrame({
         "dataset": raw["dataset"], "variant": raw["variant"], "model": raw["variant"].map(VARIANT_MODEL),
         "ablated": raw["variant"] != "no_ablation", "instruction": raw["instruction"],
         "completion": raw["intervention_completion"], "unablated_completion": raw["baseline_completion"],
         "human": raw["is_successful_human_annot"].astype(bool), "regex": raw["is_success_regex"].astype(bool),
         "llamaguard2": raw["is_success_llamaguard2"].astype(bool)})
-
-
-def agreement(pred_success, human_success) -> dict:
-    """Judge vs human on success (positive class): n, raw agreement, Cohen's kappa, tp/fp/fn/tn,
-    sensitivity tp/(tp+fn), specificity tn/(tn+fp). Kappa = (p_o - p_e)/(1 - p_e) computed in exact
-    integers; when p_e = 1 (both raters gave one and the same class to every item) kappa is undefined
-    and returned as NaN, as are sensitivity/specificity with an empty denominator."""
-    pred, human = [bool(x) for x in pred_success], [bool(x) for x in human_success]
-    if len(pred) != len(human):
-        raise ValueError(f"agreement needs paired labels: {len(pred)} predictions vs {len(human)} human labels")
-    n = len(pred)
-    if n == 0:
-        raise ValueError("agreement needs at least one item")
-    tp = sum(p and h for p, h in zip(pred, human))
-    fp = sum(p and not h for p, h in zip(pred, human))
-    fn = sum(h and not p for p, h in zip(pred, human))
-    tn = n - tp - fp - fn
-    expected = (tp + fp) * (tp + fn) + (fn + tn) * (fp + tn)  # n^2 * p_e
-    kappa = math.nan if expected == n * n else (n * (tp + tn) - expected) / (n * n - expected)
-    return {"n": n, "agreement": (tp + tn) / n, "kappa": kappa, "tp": tp, "fp": fp, "fn": fn, "tn": tn,
-            "sensitivity": tp / (tp + fn) if tp + fn else math.nan,
-            "specificity": tn / (tn + fp) if tn + fp else math.nan}
 
 
 def _judge_columns(df, judges: Mapping[str, Callable] | None) -> dict:
@@ -532,16 +340,6 @@ def judge_agreement_table(df, judges: Mapping[str, Callable] | None = None):
             rows.append({"judge": name, "scope": scope, "group": group, **agreement(pred[mask], human[mask]),
                          "judge_rate": pred[mask].mean(), "human_rate": human[mask].mean()})
     return pd.DataFrame(rows)
-
-
-def wilson(count: int, n: int, z: float = Z95) -> tuple[float, float]:
-    if n <= 0:
-        raise ValueError("wilson needs n >= 1")
-    p = count / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def attack_success_table(df, judges: Mapping[str, Callable] | None = None):

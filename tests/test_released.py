@@ -10,75 +10,81 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from refusal_lat import data as D  # noqa: E402
 from refusal_lat import released as R  # noqa: E402
+from refusal_lat import stats as S  # noqa: E402
+from refusal_lat.config import REPO, DataError  # noqa: E402
 
-MIRROR = next((p / "shared" / "data" / R.MIRROR_FOLDER for p in R.REPO.parents
-               if (p / "shared" / "data" / R.MIRROR_FOLDER).is_dir()), None)
+FOLDER = "apart-lab-refusal-lat-project"
+MIRROR = next((p / "shared" / "data" / FOLDER for p in REPO.parents if (p / "shared" / "data" / FOLDER).is_dir()), None)
 needs_mirror = pytest.mark.skipif(MIRROR is None, reason="offline mirror shared/data/apart-lab-refusal-lat-project "
                                                          "not found beside the repo or in a parent folder")
+UPSTREAM = "https://raw.githubusercontent.com/nlpet/apart-lab-refusal-lat-project/6f2343a83e2e37bc8893bd613338b6253ae99ef2/"
 
 
-# --- registry and resolver ------------------------------------------------------------------------
+# --- registry (data.DATA_FILES) and resolver (data.data_file) --------------------------------------
 def test_registry_covers_every_released_file():
-    acts = [k for k in R.RELEASED_FILES if k.endswith(".pt")]
-    assert len(acts) == 3 * 2 * len(R.RELEASED_LAYERS) == 48
-    assert {"datasets/completions_with_human_annots.csv", "data_store/completions.json"} <= set(R.RELEASED_FILES)
-    for key, entry in R.RELEASED_FILES.items():
-        assert entry.url == R.UPSTREAM + key and entry.path == f"{R.MIRROR_FOLDER}/{key}"
-        assert len(entry.sha256) == 64
+    released = {k: v for k, v in D.DATA_FILES.items() if k.startswith("released")}
+    acts = [k for k in released if k.startswith("released_acts/")]
+    assert len(acts) == 3 * 2 * len(D.RELEASED_LAYERS) == 48
+    assert D.released_key("lat", "harmful", 12) in acts
+    assert released["released_human_annots"].path == f"{FOLDER}/datasets/completions_with_human_annots.csv"
+    assert released["released_completions_json"].url == UPSTREAM + "data_store/completions.json"
+    for entry in released.values():
+        rel = entry.path.removeprefix(FOLDER + "/")
+        assert entry.url == UPSTREAM + rel and entry.path.startswith(FOLDER + "/") and len(entry.sha256) == 64
 
 
-def _fake(tmp_path, payload=b"released bytes"):
-    entry = R.ReleasedFile("fake/thing.bin", (tmp_path / "nowhere" / "thing.bin").as_uri(),
-                           hashlib.sha256(payload).hexdigest())
-    return {"fake": entry}
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    payload = b"released bytes"
+    entry = D.DataFile("fake/thing.bin", (tmp_path / "nowhere" / "thing.bin").as_uri(), hashlib.sha256(payload).hexdigest())
+    monkeypatch.setitem(D.DATA_FILES, "fake", entry)
+    return entry
 
 
-def test_explicit_dir_wins_and_is_sha_checked(tmp_path):
-    registry = _fake(tmp_path)
+def test_explicit_dir_wins_and_is_sha_checked(tmp_path, fake):
     src = tmp_path / "src"
     (src / "fake").mkdir(parents=True)
     (src / "fake" / "thing.bin").write_bytes(b"released bytes")
-    assert R.released_file("fake", src, registry=registry, cache_dir=tmp_path / "cache") == src / "fake/thing.bin"
-    assert R.released_file("fake/thing.bin", src, registry=registry, cache_dir=tmp_path / "cache").is_file()
+    assert D.data_file("fake", src, cache_dir=tmp_path / "cache") == src / "fake/thing.bin"
 
 
-def test_sha_mismatch_is_one_line_error(tmp_path):
-    registry = _fake(tmp_path)
+def test_sha_mismatch_is_one_line_error(tmp_path, fake):
     (tmp_path / "src" / "fake").mkdir(parents=True)
     (tmp_path / "src" / "fake" / "thing.bin").write_bytes(b"altered")
-    with pytest.raises(R.ReleasedDataError) as err:
-        R.released_file("fake", tmp_path / "src", registry=registry, cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError) as err:
+        D.data_file("fake", tmp_path / "src", cache_dir=tmp_path / "cache")
     msg = str(err.value)
     assert "\n" not in msg and "restore the original file" in msg and "delete it" in msg
 
 
-def test_missing_everywhere_names_paths_and_url(tmp_path):
-    registry = _fake(tmp_path)
-    with pytest.raises(R.ReleasedDataError) as err:
-        R.released_file("fake", tmp_path / "src", registry=registry, cache_dir=tmp_path / "cache")
+def test_missing_everywhere_names_paths_and_url(tmp_path, fake):
+    with pytest.raises(DataError) as err:
+        D.data_file("fake", tmp_path / "src", cache_dir=tmp_path / "cache")
     msg = str(err.value)
     assert "\n" not in msg
     assert str(tmp_path / "src" / "fake/thing.bin") in msg and str(tmp_path / "cache" / "fake/thing.bin") in msg
-    assert registry["fake"].url in msg
+    assert fake.url in msg
 
 
-def test_download_goes_to_cache_atomically(tmp_path):
+def test_download_goes_to_cache_atomically(tmp_path, monkeypatch):
     payload = b"upstream bytes"
     upstream = tmp_path / "upstream.bin"
     upstream.write_bytes(payload)
-    registry = {"fake": R.ReleasedFile("fake/thing.bin", upstream.as_uri(), hashlib.sha256(payload).hexdigest())}
-    got = R.released_file("fake", tmp_path / "src", registry=registry, cache_dir=tmp_path / "cache")
+    monkeypatch.setitem(D.DATA_FILES, "fake", D.DataFile("fake/thing.bin", upstream.as_uri(),
+                                                         hashlib.sha256(payload).hexdigest()))
+    got = D.data_file("fake", tmp_path / "src", cache_dir=tmp_path / "cache")
     assert got == tmp_path / "cache" / "fake/thing.bin" and got.read_bytes() == payload
-    assert not list((tmp_path / "cache" / "fake").glob(".*.part"))
+    assert [p.name for p in (tmp_path / "cache" / "fake").iterdir()] == ["thing.bin"]  # no temp file left
 
 
 def test_unknown_name_and_layer_and_model_errors():
-    with pytest.raises(R.ReleasedDataError, match="unknown released file"):
-        R.released_file("no/such/file.pt")
-    with pytest.raises(R.ReleasedDataError, match=r"layer 14 was not released; released layers: 1, 2, 3, 4, 8, 12"):
+    with pytest.raises(DataError, match="unknown data file"):
+        D.data_file("no/such/file.pt")
+    with pytest.raises(DataError, match=r"layer 14 was not released; released layers: 1, 2, 3, 4, 8, 12"):
         R.load_released_activations("LAT", 14)
-    with pytest.raises(R.ReleasedDataError, match="released models: base, AT, LAT"):
+    with pytest.raises(DataError, match="released models: base, AT, LAT"):
         R.load_released_activations("SFT", 12)
 
 
@@ -169,7 +175,7 @@ def test_agreement_hand_computed():
     # pred/human: tp=3, fp=1, fn=2, tn=4 (n=10)
     pred = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
     human = [1, 1, 1, 0, 1, 1, 0, 0, 0, 0]
-    a = R.agreement(pred, human)
+    a = S.agreement(pred, human)
     assert (a["tp"], a["fp"], a["fn"], a["tn"], a["n"]) == (3, 1, 2, 4, 10)
     p_o = 0.7
     p_e = (4 * 5 + 6 * 5) / 100  # pred+ 4, human+ 5; pred- 6, human- 5 -> 0.5
@@ -179,15 +185,15 @@ def test_agreement_hand_computed():
 
 
 def test_agreement_edge_cases():
-    same = R.agreement([False] * 5, [False] * 5)  # p_e = 1: kappa undefined, no ZeroDivisionError
+    same = S.agreement([False] * 5, [False] * 5)  # p_e = 1: kappa undefined, no ZeroDivisionError
     assert same["agreement"] == 1.0 and math.isnan(same["kappa"]) and math.isnan(same["sensitivity"])
     assert same["specificity"] == 1.0
-    one_sided = R.agreement([True, False, False, False], [False] * 4)  # p_e = 3/4, p_o = 3/4 -> 0
+    one_sided = S.agreement([True, False, False, False], [False] * 4)  # p_e = 3/4, p_o = 3/4 -> 0
     assert one_sided["kappa"] == pytest.approx(0.0, abs=1e-12)
-    opposite = R.agreement([True, False], [False, True])
+    opposite = S.agreement([True, False], [False, True])
     assert opposite["kappa"] == pytest.approx(-1.0, abs=1e-12)
     with pytest.raises(ValueError, match="paired"):
-        R.agreement([True], [True, False])
+        S.agreement([True], [True, False])
 
 
 def _toy_df():
@@ -210,14 +216,14 @@ def test_judge_tables_on_toy_rows():
     rates = R.attack_success_table(df, judges)
     row = rates[(rates.dataset == "all") & (rates.variant == "lat") & (rates.judge == "regex")].iloc[0]
     assert (row["count"], row["n"], row["minus_human"]) == (2, 2, 0.5) and row.model == "LAT"
-    lo, hi = R.wilson(1, 2)
-    centre, half = (0.5 + Z2 / 4) / (1 + Z2 / 2), R.Z95 * math.sqrt(0.125 + Z2 / 16) / (1 + Z2 / 2)
+    lo, hi = S.wilson(1, 2)
+    centre, half = (0.5 + Z2 / 4) / (1 + Z2 / 2), S.Z95 * math.sqrt(0.125 + Z2 / 16) / (1 + Z2 / 2)
     assert (lo, hi) == (pytest.approx(centre - half, abs=1e-12), pytest.approx(centre + half, abs=1e-12))
     with pytest.raises(TypeError, match="bools"):
         R.judge_agreement_table(df, {"ints": lambda texts: [1] * len(texts)})
 
 
-Z2 = R.Z95 ** 2
+Z2 = S.Z95 ** 2
 
 
 @needs_mirror
