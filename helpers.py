@@ -95,5 +95,6 @@ from refusal_lat.selection import (  # noqa: F401
     selection_scores,
     selection_table,
 )
-from refusal_lat.reference import PAPER_SVD, PAPER_SWEEP_BEST, PAPER_SWEEP_REFUSAL, PAPER_TABLE1  # noqa: F401
+from refusal_lat import released  # noqa: F401  (the authors' released Llama-2 files: H.released.*)
+from refusal_lat.reference import AUTHORS_FROBENIUS, PAPER_SVD, PAPER_SWEEP_BEST, PAPER_SWEEP_REFUSAL, PAPER_TABLE1  # noqa: F401
 from refusal_lat.report import compares_to_paper, markdown_table, summary_table  # noqa: F401

@@ -127,12 +127,26 @@ def bootstrap_indices(n: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
 
 
 def bootstrap_gram_ratios(gram: np.ndarray, indices: np.ndarray, k: int = N_COMPONENTS,
-                          centered: bool = False) -> np.ndarray:
-    """[n_boot, k] ratios of D[idx] for each row idx of `indices`, from the n x n Gram matrix."""
-    out = np.empty((len(indices), k))
-    for b, idx in enumerate(indices):
-        out[b] = gram_ratios(gram[np.ix_(idx, idx)], k, centered)
+                          centered: bool = False, chunk: int = 100) -> np.ndarray:
+    """[n_boot, k] ratios of D[idx] for each row idx of `indices`, from the n x n Gram matrix: what
+    svd.gram_ratios gives for each resampled Gram matrix, computed on stacks of `chunk` at once."""
+    out = np.zeros((len(indices), k))
+    for start in range(0, len(indices), chunk):
+        idx = indices[start:start + chunk]
+        g = gram[idx[:, :, None], idx[:, None, :]]
+        if centered:
+            g = g - g.mean(1, keepdims=True) - g.mean(2, keepdims=True) + g.mean((1, 2), keepdims=True)
+        eig = np.clip(np.linalg.eigvalsh(g)[:, ::-1], 0, None)
+        out[start:start + chunk, :min(k, eig.shape[1])] = (eig / eig.sum(1, keepdims=True))[:, :k]
     return out
+
+
+def bootstrap_replicates(diffs: Mapping, n_boot: int = 1000, seed: int = 0, k: int = N_COMPONENTS,
+                         centered: bool = False) -> dict:
+    """{(model, layer): [n_boot, k]} ratios; every model of a layer uses the same resample indices (seed),
+    so replicates of two models at a layer are paired. Pass to svd_long_table / paired_model_differences."""
+    return {key: bootstrap_gram_ratios(d @ d.T, bootstrap_indices(len(d), n_boot, seed), k, centered)
+            for key, d in diffs.items()}
 
 
 def intervals(point, boot, level: float = 0.95) -> dict:
@@ -157,26 +171,27 @@ def released_differences(models: Sequence[str] = tuple(MODELS), layers: Sequence
 
 
 def svd_long_table(diffs: Mapping, n_boot: int = 1000, seed: int = 0, k: int = N_COMPONENTS,
-                   level: float = 0.95, centered_boot: bool = True):
+                   level: float = 0.95, centered_boot: bool = True, boot: Mapping | None = None):
     """One row per model x layer x component (1-based): uncentered ratio (the paper's measure) with
     bootstrap percentile and basic intervals, cumulative share, centered ratio (+ intervals when
     centered_boot), and bias = mean of the bootstrap replicates - estimate. All models of one layer use
-    the same resample indices (seed), so their rows are paired. `diffs`: {(model, layer): D}."""
+    the same resample indices (seed), so their rows are paired. `diffs`: {(model, layer): D}; `boot`:
+    bootstrap_replicates(diffs, n_boot, seed, k) if already computed."""
     import pandas as pd
     rows = []
     for (model, layer), d in diffs.items():
         gram = d @ d.T
         idx = bootstrap_indices(len(d), n_boot, seed)
         plain, cent = variance_ratios(d, k), variance_ratios(d, k, centered=True)
-        boot = bootstrap_gram_ratios(gram, idx, k)
-        ci = intervals(plain, boot, level)
+        reps = boot[(model, layer)][:, :k] if boot is not None else bootstrap_gram_ratios(gram, idx, k)
+        ci = intervals(plain, reps, level)
         if centered_boot:
             cci = intervals(cent, bootstrap_gram_ratios(gram, idx, k, centered=True), level)
         for c in range(k):
             row = {"model": model, "layer": layer, "component": c + 1, "ratio": plain[c],
                    "lo": ci["basic_lo"][c], "hi": ci["basic_hi"][c],
                    "pct_lo": ci["pct_lo"][c], "pct_hi": ci["pct_hi"][c],
-                   "boot_bias": boot[:, c].mean() - plain[c], "cumulative": plain[:c + 1].sum(),
+                   "boot_bias": reps[:, c].mean() - plain[c], "cumulative": plain[:c + 1].sum(),
                    "ratio_centered": cent[c]}
             if centered_boot:
                 row.update({"centered_lo": cci["basic_lo"][c], "centered_hi": cci["basic_hi"][c],
@@ -212,11 +227,12 @@ DEFAULT_PAIRS = (("LAT", "base"), ("LAT", "AT"), ("AT", "base"))
 
 
 def paired_model_differences(diffs: Mapping, pairs=DEFAULT_PAIRS, components=(1, 2), n_boot: int = 1000,
-                             seed: int = 0, level: float = 0.95, centered: bool = False):
+                             seed: int = 0, level: float = 0.95, centered: bool = False, boot: Mapping | None = None):
     """Ratio(a) - ratio(b) per layer and component with bootstrap intervals, both models resampled with
     the SAME pair indices in each replicate (this assumes row i is the same prompt in every model's
     file, which the released files support: see the notes). Basic interval in lo/hi, percentile in
-    pct_lo/pct_hi; p_boot = two-sided share of replicate differences on the other side of 0."""
+    pct_lo/pct_hi; p_boot = two-sided share of replicate differences on the other side of 0. `boot`:
+    bootstrap_replicates(diffs, n_boot, seed, k >= max(components), centered) if already computed."""
     import pandas as pd
     k = max(components)
     layers = sorted({l for _, l in diffs}, key=[l for _, l in diffs].index)
@@ -225,21 +241,21 @@ def paired_model_differences(diffs: Mapping, pairs=DEFAULT_PAIRS, components=(1,
         models = [m for m, l in diffs if l == layer]
         n = len(diffs[(models[0], layer)])
         idx = bootstrap_indices(n, n_boot, seed)
-        point, boot = {}, {}
+        point, reps = {}, {}
         for m in {x for p in pairs for x in p} & set(models):
             d = diffs[(m, layer)]
             if len(d) != n:
                 raise ValueError(f"layer {layer}: models have different numbers of pairs; cannot pair them")
             point[m] = variance_ratios(d, k, centered)
-            boot[m] = bootstrap_gram_ratios(d @ d.T, idx, k, centered)
+            reps[m] = boot[(m, layer)][:, :k] if boot is not None else bootstrap_gram_ratios(d @ d.T, idx, k, centered)
         for a, b in pairs:
             if a not in point or b not in point:
                 continue
-            est, reps = point[a] - point[b], boot[a] - boot[b]
-            ci = intervals(est, reps, level)
+            est, rep = point[a] - point[b], reps[a] - reps[b]
+            ci = intervals(est, rep, level)
             for c in components:
                 j = c - 1
-                r = reps[:, j]
+                r = rep[:, j]
                 p = min(1.0, 2 * min((r <= 0).mean(), (r >= 0).mean()))
                 rows.append({"layer": layer, "a": a, "b": b, "component": c, "difference": est[j],
                              "lo": ci["basic_lo"][j], "hi": ci["basic_hi"][j],

@@ -112,6 +112,17 @@ def test_frobenius_and_ratios_match_numpy():
     np.testing.assert_allclose(R.gram_ratios(d @ d.T, 5, centered=True), (s2c / s2c.sum())[:5], atol=1e-12)
 
 
+def test_batched_bootstrap_matches_one_at_a_time():
+    from refusal_lat.svd import gram_ratios
+    d = np.random.default_rng(4).normal(size=(15, 40)) + 1.0
+    idx = R.bootstrap_indices(15, 7, seed=2)
+    for centered in (False, True):
+        one = np.stack([gram_ratios(d[i] @ d[i].T, 5, centered) for i in idx])
+        np.testing.assert_allclose(R.bootstrap_gram_ratios(d @ d.T, idx, 5, centered, chunk=3), one, atol=1e-12)
+    reps = R.bootstrap_replicates({("A", 0): d}, n_boot=7, seed=2, k=5)
+    np.testing.assert_allclose(reps[("A", 0)], R.bootstrap_gram_ratios(d @ d.T, idx, 5), atol=1e-12)
+
+
 def test_basic_vs_percentile_intervals_planted():
     # replicates 1..99 around an estimate of 40: quantiles are exact order statistics here
     boot = np.arange(1.0, 100.0)
