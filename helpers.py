@@ -81,8 +81,8 @@ from refusal_lat.generation import (  # noqa: F401
     start_decoding,
 )
 from refusal_lat.units import NO_ABLATION, generation_units, transfer_units, unit_groups, unit_path  # noqa: F401
-from refusal_lat.judges import METHODS, agreement, classify  # noqa: F401
-from refusal_lat.stats import mcnemar, mcnemar_table, rate_summary, score_units  # noqa: F401
+from refusal_lat.judges import METHODS, classify  # noqa: F401
+from refusal_lat.stats import agreement, mcnemar, mcnemar_table, rate_summary, score_units, wilson  # noqa: F401
 from refusal_lat.selection import (  # noqa: F401
     MAX_KL,
     best_layer_paper_rule,
@@ -95,5 +95,6 @@ from refusal_lat.selection import (  # noqa: F401
     selection_scores,
     selection_table,
 )
-from refusal_lat.reference import PAPER_SVD, PAPER_SWEEP_BEST, PAPER_SWEEP_REFUSAL, PAPER_TABLE1  # noqa: F401
+from refusal_lat import released  # noqa: F401  (the authors' released Llama-2 files: H.released.*)
+from refusal_lat.reference import AUTHORS_FROBENIUS, PAPER_SVD, PAPER_SWEEP_BEST, PAPER_SWEEP_REFUSAL, PAPER_TABLE1  # noqa: F401
 from refusal_lat.report import compares_to_paper, error_bars, markdown_table, summary_table  # noqa: F401

@@ -139,9 +139,3 @@ def classify(completions: list[str], method: str) -> list[int]:
     label = _CLASSIFIERS[method]
     return [label(c) for c in completions]
 
-
-def agreement(completions: list[str], pairs=(("paper", "substring"), ("paper", "project"),
-                                              ("substring", "project"))) -> dict:
-    """{"a vs b": [bool per completion]}: whether two judges agree on "refusal or not"."""
-    refused = {m: [int(x == 1) for x in classify(completions, m)] for m in {m for pair in pairs for m in pair}}
-    return {f"{a} vs {b}": [x == y for x, y in zip(refused[a], refused[b])] for a, b in pairs}

@@ -1,4 +1,5 @@
-"""Rates with counts, Wald and Wilson intervals; exact McNemar for paired cells; tidy score tables."""
+"""Rates with counts, Wald and Wilson intervals; agreement and Cohen's kappa of two raters; exact McNemar for
+paired cells; tidy score tables."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,17 @@ from .judges import METHODS, classify
 Z95 = 1.959963984540054
 
 
+def wilson(count: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of count / n (95 % by default), clipped to [0, 1]."""
+    if n <= 0:
+        raise ValueError(f"wilson needs n >= 1, got n={n}")
+    p = count / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def rate_summary(labels: list[int], label: int = 1) -> dict:
     """Share of `label` with 95 % Wald (as in the paper, clipped to [0, 1]) and Wilson intervals."""
     labels = list(labels)
@@ -15,16 +27,33 @@ def rate_summary(labels: list[int], label: int = 1) -> dict:
     if n == 0:
         raise ValueError("rate_summary needs at least one label; got an empty list")
     count = sum(1 for x in labels if x == label)
-    p, z = count / n, Z95
-    half = z * math.sqrt(p * (1 - p) / n)
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    w_half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return {
-        "count": count, "n": n, "rate": p,
-        "wald_low": max(0.0, p - half), "wald_high": min(1.0, p + half),
-        "wilson_low": max(0.0, centre - w_half), "wilson_high": min(1.0, centre + w_half),
-    }
+    p = count / n
+    half = Z95 * math.sqrt(p * (1 - p) / n)
+    low, high = wilson(count, n)
+    return {"count": count, "n": n, "rate": p, "wald_low": max(0.0, p - half), "wald_high": min(1.0, p + half),
+            "wilson_low": low, "wilson_high": high}
+
+
+def agreement(pred, reference) -> dict:
+    """Two raters' yes/no labels on the same items (pred vs reference, e.g. a judge vs the human labels,
+    True = positive): n, raw agreement, Cohen's kappa, confusion counts tp/fp/fn/tn, sensitivity tp/(tp+fn),
+    specificity tn/(tn+fp). Kappa = (p_o - p_e)/(1 - p_e) in exact integers; when p_e = 1 (both raters gave
+    one and the same class to every item) kappa is undefined: NaN, as are rates with an empty denominator."""
+    pred, ref = [bool(x) for x in pred], [bool(x) for x in reference]
+    if len(pred) != len(ref):
+        raise ValueError(f"agreement needs paired labels: {len(pred)} predictions vs {len(ref)} reference labels")
+    n = len(pred)
+    if n == 0:
+        raise ValueError("agreement needs at least one item")
+    tp = sum(p and r for p, r in zip(pred, ref))
+    fp = sum(p and not r for p, r in zip(pred, ref))
+    fn = sum(r and not p for p, r in zip(pred, ref))
+    tn = n - tp - fp - fn
+    expected = (tp + fp) * (tp + fn) + (fn + tn) * (fp + tn)  # n^2 * p_e
+    kappa = math.nan if expected == n * n else (n * (tp + tn) - expected) / (n * n - expected)
+    return {"n": n, "agreement": (tp + tn) / n, "kappa": kappa, "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+            "sensitivity": tp / (tp + fn) if tp + fn else math.nan,
+            "specificity": tn / (tn + fp) if tn + fp else math.nan}
 
 
 def mcnemar(labels_a: list[int], labels_b: list[int], label: int = 1) -> dict:

@@ -54,14 +54,17 @@ def explained_variance_ratio(harmful, harmless, centered: bool = False, label: s
     return energy / energy.sum()
 
 
-def _gram_ratios(gram: np.ndarray, k: int) -> np.ndarray:
-    """Top-k s^2/sum s^2 from the n x n Gram matrix D D^T (same nonzero spectrum, much cheaper)."""
+def gram_ratios(gram: np.ndarray, k: int, centered: bool = False) -> np.ndarray:
+    """Top-k s^2/sum s^2 of D from its n x n Gram matrix D D^T (same nonzero spectrum, much cheaper);
+    centered: of D minus its column means. Zero-padded to k."""
+    if centered:
+        gram = gram - gram.mean(0, keepdims=True) - gram.mean(1, keepdims=True) + gram.mean()
     eig = np.clip(np.linalg.eigvalsh(gram)[::-1], 0, None)
-    return eig[:k] / eig.sum()
-
-
-def _center_gram(gram: np.ndarray) -> np.ndarray:
-    return gram - gram.mean(0, keepdims=True) - gram.mean(1, keepdims=True) + gram.mean()
+    if eig.sum() <= 0:
+        raise ValueError("the difference matrix is zero; no spectrum to share out")
+    out = np.zeros(k)
+    out[:min(k, len(eig))] = eig[:k] / eig.sum()
+    return out
 
 
 def bootstrap_ratios(harmful, harmless, n_boot: int = 1000, seed: int = 0, k: int = 2,
@@ -74,7 +77,7 @@ def bootstrap_ratios(harmful, harmless, n_boot: int = 1000, seed: int = 0, k: in
     for b in range(n_boot):
         idx = rng.integers(0, len(d), len(d))
         g = gram[np.ix_(idx, idx)]
-        out[b] = _gram_ratios(_center_gram(g) if centered else g, k)
+        out[b] = gram_ratios(g, k, centered)
     return out
 
 
@@ -88,7 +91,7 @@ def repairing_null(harmful, harmless, n_perm: int = 1000, seed: int = 0, k: int 
     for p in range(n_perm):
         perm = rng.permutation(len(b))  # D = a - b[perm]; its Gram from the three blocks
         cross = ab[:, perm]
-        out[p] = _gram_ratios(aa - cross - cross.T + bb[np.ix_(perm, perm)], k)
+        out[p] = gram_ratios(aa - cross - cross.T + bb[np.ix_(perm, perm)], k)
     return out
 
 

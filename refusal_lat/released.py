@@ -1,0 +1,382 @@
+"""The authors' released artifacts (nlpet/apart-lab-refusal-lat-project @ 6f2343a8): loaders, SVD of the
+real Llama-2-7b layer activations with bootstrap intervals, the paper's Figure 2 layout, and judge validation
+against human labels (notebooks 02 and 03; docs/method.md, "The authors' released data").
+
+Files are pinned in data.DATA_FILES and found by data.data_file (explicit folder or REFUSAL_LAT_DATA_DIR ->
+<repo>/data/cache -> the offline mirror -> the upstream URL, downloaded into the cache), each checked
+against its sha256. The upstream repository has no licence: nothing of it is committed here.
+Judges come in as callables (list[str] -> list[bool], True = attack success).
+
+What the files are (checked against the files themselves; see tests/test_released.py):
+- data_store/ablated_llama-2-7b/{baseline,at,lat}/{harmful,harmless}_layer{L}.pt: float16 [100, 4096], the
+  residual stream entering block L at the last prompt token of 100 harmful / 100 harmless prompts,
+  index-paired; saved from CUDA (load with map_location="cpu"). L in RELEASED_LAYERS; 14 is not released.
+- datasets/completions_with_human_annots.csv: 816 rows, dataset (advbench_test 104, custom_set 100) x
+  variant. `intervention_completion` is the completion that was judged (the regex, LlamaGuard-2 and human
+  labels refer to it): under directional ablation for variants baseline / at / lat (base / AT / LAT model,
+  each ablated with its own direction), and without ablation for `no_ablation` (there it is byte-identical
+  to `baseline_completion`). `baseline_completion` is an unablated completion of the same prompt.
+  is_success_* = True means the attack succeeded, i.e. the judged completion is NOT a refusal.
+  Rows are in a different order in each variant (match on `instruction`). The CSV text is the JSON's
+  text with leading/trailing whitespace stripped, and a few emoji mangled into private-use characters.
+- data_store/completions.json: the same completions and regex/LlamaGuard-2 flags as nested JSON (no human
+  labels); `is_successful_substring` there is the CSV's `is_success_regex`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from .config import DataError
+from .data import RELEASED_LAYERS, data_file, released_key
+from .stats import agreement, wilson
+from .svd import gram_ratios, paired_differences
+
+MODELS = {"base": "baseline", "AT": "at", "LAT": "lat"}  # project role -> upstream folder
+VARIANT_MODEL = {"no_ablation": "none", "baseline": "base", "at": "AT", "lat": "LAT"}  # CSV variant -> role
+N_COMPONENTS = 10
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Files (registered in data.DATA_FILES, resolved and sha256-checked by data.data_file)
+
+def model_folder(model: str) -> str:
+    """Upstream folder of a released model: base/AT/LAT (any case) or the folder name itself."""
+    folders = {**{m.lower(): f for m, f in MODELS.items()}, **{f: f for f in MODELS.values()}}
+    if str(model).lower() not in folders:
+        raise DataError(f"unknown model {model!r}; released models: {', '.join(MODELS)}")
+    return folders[str(model).lower()]
+
+
+def load_released_activations(model: str, layer: int, data_dir=None):
+    """(harmful, harmless) float32 [100, 4096] CPU tensors: the residual stream entering block `layer`
+    at the last prompt token, row i of each paired (the authors' index pairing)."""
+    import torch
+    folder = model_folder(model)
+    if layer not in RELEASED_LAYERS:
+        raise DataError(f"layer {layer} was not released; released layers: "
+                                f"{', '.join(map(str, RELEASED_LAYERS))}")
+    out = []
+    for kind in ("harmful", "harmless"):
+        path = data_file(released_key(folder, kind, layer), data_dir)
+        x = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(x, torch.Tensor) or x.ndim != 2:
+            raise DataError(f"{path}: expected a 2-D tensor, got {type(x).__name__} {getattr(x, 'shape', '')}")
+        x = x.float()
+        if not torch.isfinite(x).all():
+            raise DataError(f"{path}: NaN/Inf in the activations")
+        out.append(x)
+    if out[0].shape != out[1].shape:
+        raise DataError(f"model {model}, layer {layer}: harmful {tuple(out[0].shape)} and harmless "
+                        f"{tuple(out[1].shape)} differ; they must be index-paired")
+    return out[0], out[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. SVD of the paired differences D = harmful_i - harmless_i (uncentered, as in the paper)
+
+def difference_matrix(harmful, harmless) -> np.ndarray:
+    """D[i] = harmful[i] - harmless[i] as float64 numpy [n, d] (svd.paired_differences)."""
+    return paired_differences(harmful, harmless)
+
+
+MASSIVE_DIM = 2533  # a Llama-2-7b "massive activation" channel (|x| ~ 40 where typical |x| < 2)
+
+
+def massive_activation_pairs(harmful, harmless, dim: int = MASSIVE_DIM, min_abs: float = 10.0) -> np.ndarray:
+    """Bool [n]: pairs where either row has |x[dim]| > min_abs. In the released files only LAT has such
+    rows (16-17 harmful + 19-24 harmless of 100 from layer 2 on; none for base/AT), at the size Llama-2 puts on
+    its first token; whether they come from the model at the read position or from how the activations were
+    read cannot be decided from the files. Use the mask for sensitivity analyses (drop those pairs)."""
+    a = np.abs(np.asarray(harmful.detach().cpu() if hasattr(harmful, "detach") else harmful, np.float64)[:, dim])
+    b = np.abs(np.asarray(harmless.detach().cpu() if hasattr(harmless, "detach") else harmless, np.float64)[:, dim])
+    return (a > min_abs) | (b > min_abs)
+
+
+def flagged_pairs(models: Sequence[str] = tuple(MODELS), layers: Sequence[int] = RELEASED_LAYERS,
+                  data_dir=None) -> dict[int, np.ndarray]:
+    """{layer: bool [n]}: pairs that massive_activation_pairs flags in ANY of `models` at that layer (in the
+    released files: LAT's only). Dropping them from every model keeps the models index-paired."""
+    out = {}
+    for layer in layers:
+        masks = [massive_activation_pairs(*load_released_activations(m, layer, data_dir)) for m in models]
+        out[layer] = np.logical_or.reduce(masks)
+    return out
+
+
+def drop_pairs(diffs: Mapping, flagged: Mapping[int, np.ndarray]) -> dict:
+    """{(model, layer): D without the rows flagged at that layer}."""
+    return {(m, l): d[~flagged[l]] for (m, l), d in diffs.items()}
+
+
+def frobenius_norm(d: np.ndarray) -> float:
+    return float(np.sqrt(np.sum(np.asarray(d, np.float64) ** 2)))
+
+
+def variance_ratios(d: np.ndarray, k: int = N_COMPONENTS, centered: bool = False) -> np.ndarray:
+    """s^2 / sum s^2 of D (centered: of D minus its column means), the first k, largest first."""
+    d = np.asarray(d, np.float64)
+    return gram_ratios(d @ d.T, k, centered)
+
+
+def bootstrap_indices(n: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """[n_boot, n] resample indices of the pairs (with replacement); share them across models so that
+    model differences are paired."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def bootstrap_gram_ratios(gram: np.ndarray, indices: np.ndarray, k: int = N_COMPONENTS,
+                          centered: bool = False, chunk: int = 100) -> np.ndarray:
+    """[n_boot, k] ratios of D[idx] for each row idx of `indices`, from the n x n Gram matrix: what
+    svd.gram_ratios gives for each resampled Gram matrix, computed on stacks of `chunk` at once."""
+    out = np.zeros((len(indices), k))
+    for start in range(0, len(indices), chunk):
+        idx = indices[start:start + chunk]
+        g = gram[idx[:, :, None], idx[:, None, :]]
+        if centered:
+            g = g - g.mean(1, keepdims=True) - g.mean(2, keepdims=True) + g.mean((1, 2), keepdims=True)
+        eig = np.clip(np.linalg.eigvalsh(g)[:, ::-1], 0, None)
+        out[start:start + chunk, :min(k, eig.shape[1])] = (eig / eig.sum(1, keepdims=True))[:, :k]
+    return out
+
+
+def bootstrap_replicates(diffs: Mapping, n_boot: int = 1000, seed: int = 0, k: int = N_COMPONENTS,
+                         centered: bool = False) -> dict:
+    """{(model, layer): [n_boot, k]} ratios; every model of a layer uses the same resample indices (seed),
+    so replicates of two models at a layer are paired. Pass to svd_long_table / paired_model_differences."""
+    return {key: bootstrap_gram_ratios(d @ d.T, bootstrap_indices(len(d), n_boot, seed), k, centered)
+            for key, d in diffs.items()}
+
+
+def intervals(point, boot, level: float = 0.95) -> dict:
+    """Percentile [q_lo, q_hi] and basic [2 t - q_hi, 2 t - q_lo] bootstrap intervals of the estimate
+    `point` from replicates `boot` (axis 0). Basic intervals correct the first-order bias of the
+    bootstrap distribution (the share of a leading eigenvalue is biased upward under resampling, and
+    percentile intervals inherit that bias); a basic interval may therefore lie off-centre or even
+    exclude the estimate. The tables use basic intervals (lo/hi); percentile ones are pct_lo/pct_hi."""
+    point = np.asarray(point, np.float64)
+    q_lo, q_hi = np.quantile(np.asarray(boot, np.float64), [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return {"pct_lo": q_lo, "pct_hi": q_hi, "basic_lo": 2 * point - q_hi, "basic_hi": 2 * point - q_lo}
+
+
+def released_differences(models: Sequence[str] = tuple(MODELS), layers: Sequence[int] = RELEASED_LAYERS,
+                         data_dir=None) -> dict:
+    """{(model, layer): D} float64 [100, 4096] for every released model and layer."""
+    out = {}
+    for model in models:
+        for layer in layers:
+            out[(model, layer)] = difference_matrix(*load_released_activations(model, layer, data_dir))
+    return out
+
+
+def svd_long_table(diffs: Mapping, n_boot: int = 1000, seed: int = 0, k: int = N_COMPONENTS,
+                   level: float = 0.95, centered_boot: bool = True, boot: Mapping | None = None):
+    """One row per model x layer x component (1-based): uncentered ratio (the paper's measure) with
+    bootstrap percentile and basic intervals, cumulative share, centered ratio (+ intervals when
+    centered_boot), and bias = mean of the bootstrap replicates - estimate. All models of one layer use
+    the same resample indices (seed), so their rows are paired. `diffs`: {(model, layer): D}; `boot`:
+    bootstrap_replicates(diffs, n_boot, seed, k) if already computed."""
+    import pandas as pd
+    rows = []
+    for (model, layer), d in diffs.items():
+        gram = d @ d.T
+        idx = bootstrap_indices(len(d), n_boot, seed)
+        plain, cent = variance_ratios(d, k), variance_ratios(d, k, centered=True)
+        reps = boot[(model, layer)][:, :k] if boot is not None else bootstrap_gram_ratios(gram, idx, k)
+        ci = intervals(plain, reps, level)
+        if centered_boot:
+            cci = intervals(cent, bootstrap_gram_ratios(gram, idx, k, centered=True), level)
+        for c in range(k):
+            row = {"model": model, "layer": layer, "component": c + 1, "ratio": plain[c],
+                   "lo": ci["basic_lo"][c], "hi": ci["basic_hi"][c],
+                   "pct_lo": ci["pct_lo"][c], "pct_hi": ci["pct_hi"][c],
+                   "boot_bias": reps[:, c].mean() - plain[c], "cumulative": plain[:c + 1].sum(),
+                   "ratio_centered": cent[c]}
+            if centered_boot:
+                row.update({"centered_lo": cci["basic_lo"][c], "centered_hi": cci["basic_hi"][c],
+                            "centered_pct_lo": cci["pct_lo"][c], "centered_pct_hi": cci["pct_hi"][c]})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def frobenius_table(diffs: Mapping):
+    """‖D‖_F per model and layer, with the norm of the mean difference for comparison."""
+    import pandas as pd
+    return pd.DataFrame([{"model": m, "layer": l, "frobenius": frobenius_norm(d),
+                          "mean_diff_norm": float(np.linalg.norm(d.mean(0)))} for (m, l), d in diffs.items()])
+
+
+def svd_wide_summary(long, frob=None):
+    """model, layer, c1, c1_lo, c1_hi, c2, c2_lo, c2_hi (basic 95 % intervals), frobenius."""
+    import pandas as pd
+    rows = []
+    for (model, layer), g in long.groupby(["model", "layer"], sort=False):
+        g = g.set_index("component")
+        row = {"model": model, "layer": layer}
+        for c in (1, 2):
+            row.update({f"c{c}": g.at[c, "ratio"], f"c{c}_lo": g.at[c, "lo"], f"c{c}_hi": g.at[c, "hi"]})
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    if frob is not None:
+        out = out.merge(frob[["model", "layer", "frobenius"]], on=["model", "layer"], how="left")
+    return out
+
+
+DEFAULT_PAIRS = (("LAT", "base"), ("LAT", "AT"), ("AT", "base"))
+
+
+def paired_model_differences(diffs: Mapping, pairs=DEFAULT_PAIRS, components=(1, 2), n_boot: int = 1000,
+                             seed: int = 0, level: float = 0.95, centered: bool = False, boot: Mapping | None = None):
+    """Ratio(a) - ratio(b) per layer and component with bootstrap intervals, both models resampled with
+    the SAME pair indices in each replicate (this assumes row i is the same prompt in every model's
+    file, which the released files support: see the notes). Basic interval in lo/hi, percentile in
+    pct_lo/pct_hi; p_boot = two-sided share of replicate differences on the other side of 0. `boot`:
+    bootstrap_replicates(diffs, n_boot, seed, k >= max(components), centered) if already computed."""
+    import pandas as pd
+    k = max(components)
+    layers = sorted({l for _, l in diffs}, key=[l for _, l in diffs].index)
+    rows = []
+    for layer in layers:
+        models = [m for m, l in diffs if l == layer]
+        n = len(diffs[(models[0], layer)])
+        idx = bootstrap_indices(n, n_boot, seed)
+        point, reps = {}, {}
+        for m in {x for p in pairs for x in p} & set(models):
+            d = diffs[(m, layer)]
+            if len(d) != n:
+                raise ValueError(f"layer {layer}: models have different numbers of pairs; cannot pair them")
+            point[m] = variance_ratios(d, k, centered)
+            reps[m] = boot[(m, layer)][:, :k] if boot is not None else bootstrap_gram_ratios(d @ d.T, idx, k, centered)
+        for a, b in pairs:
+            if a not in point or b not in point:
+                continue
+            est, rep = point[a] - point[b], reps[a] - reps[b]
+            ci = intervals(est, rep, level)
+            for c in components:
+                j = c - 1
+                r = rep[:, j]
+                p = min(1.0, 2 * min((r <= 0).mean(), (r >= 0).mean()))
+                rows.append({"layer": layer, "a": a, "b": b, "component": c, "difference": est[j],
+                             "lo": ci["basic_lo"][j], "hi": ci["basic_hi"][j],
+                             "pct_lo": ci["pct_lo"][j], "pct_hi": ci["pct_hi"][j], "p_boot": p})
+    return pd.DataFrame(rows)
+
+
+def figure2(long, layer: int, models: Sequence[str] = tuple(MODELS), k: int = N_COMPONENTS,
+            interval: str = "basic"):
+    """The paper's Figure 2 layout: one panel per model, bars = uncentered variance ratio (%) of the first
+    k components at `layer`, error bars = bootstrap 95 % interval (basic or percentile). An interval
+    that excludes its point estimate is drawn clipped at the estimate (yerr never negative)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    lo_col, hi_col = {"basic": ("lo", "hi"), "percentile": ("pct_lo", "pct_hi")}[interval]
+    sub = long[long["layer"] == layer]
+    if sub.empty:
+        raise ValueError(f"no rows for layer {layer}; layers in the table: {sorted(long['layer'].unique())}")
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), sharey=True, squeeze=False)
+    colors = matplotlib.colormaps["tab10"].colors
+    for i, (ax, model) in enumerate(zip(axes[0], models)):
+        g = sub[sub["model"] == model].sort_values("component").head(k)
+        if g.empty:
+            raise ValueError(f"no rows for model {model!r} at layer {layer}")
+        y = 100 * g["ratio"].to_numpy()
+        lo, hi = 100 * g[lo_col].to_numpy(), 100 * g[hi_col].to_numpy()
+        yerr = np.vstack([np.abs(np.clip(y - lo, 0, None)), np.abs(np.clip(hi - y, 0, None))])
+        ax.bar(g["component"], y, color=colors[i % len(colors)], yerr=yerr, capsize=2, ecolor="0.2")
+        for x, v in zip(g["component"].iloc[:2], y[:2]):
+            ax.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"{model}, layer {layer}")
+        ax.set_xlabel("component")
+        ax.set_xticks(range(1, len(g) + 1))
+    axes[0][0].set_ylabel("variance ratio s²/Σs² (%)")
+    fig.suptitle(f"SVD of harmful − harmless differences (released activations), layer {layer}; "
+                 f"95 % {interval} bootstrap intervals", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Judges vs the human labels. Success = the attack worked = the judged completion is not a refusal.
+
+def human_labels(data_dir=None):
+    """Tidy CSV: dataset, variant, model (base/AT/LAT, 'none' for no_ablation), ablated, instruction,
+    completion (the judged one: `intervention_completion`), unablated_completion, human, regex,
+    llamaguard2 (bools, True = attack success)."""
+    import pandas as pd
+    raw = pd.read_csv(data_file("released_human_annots", data_dir), keep_default_na=False)
+    bools = {"is_success_regex": "regex", "is_success_llamaguard2": "llamaguard2",
+             "is_successful_human_annot": "human"}
+    for col in bools:
+        if raw[col].dtype != bool:
+            raw[col] = raw[col].astype(str).str.lower().map({"true": True, "false": False})
+            if raw[col].isna().any():
+                raise DataError(f"{col}: values other than True/False in the human-annotation CSV")
+    return pd.DataFrame({
+        "dataset": raw["dataset"], "variant": raw["variant"], "model": raw["variant"].map(VARIANT_MODEL),
+        "ablated": raw["variant"] != "no_ablation", "instruction": raw["instruction"],
+        "completion": raw["intervention_completion"], "unablated_completion": raw["baseline_completion"],
+        "human": raw["is_successful_human_annot"].astype(bool), "regex": raw["is_success_regex"].astype(bool),
+        "llamaguard2": raw["is_success_llamaguard2"].astype(bool)})
+
+
+def _judge_columns(df, judges: Mapping[str, Callable] | None) -> dict:
+    """{name: bool array}: regex and llamaguard2 from the file, then each callable on df.completion."""
+    cols = {"regex": df["regex"].to_numpy(bool), "llamaguard2": df["llamaguard2"].to_numpy(bool)}
+    texts = df["completion"].tolist()
+    for name, judge in (judges or {}).items():
+        out = list(judge(texts))
+        if len(out) != len(texts):
+            raise ValueError(f"judge {name!r} returned {len(out)} labels for {len(texts)} completions")
+        bad = [type(x).__name__ for x in out if not isinstance(x, (bool, np.bool_))]
+        if bad:
+            raise TypeError(f"judge {name!r} must return bools (True = attack success), got {bad[0]}")
+        cols[name] = np.asarray(out, bool)
+    return cols
+
+
+def _groups(df):
+    yield "overall", "all", np.ones(len(df), bool)
+    for ds in df["dataset"].unique():
+        yield "dataset", ds, (df["dataset"] == ds).to_numpy()
+    for v in df["variant"].unique():
+        yield "variant", v, (df["variant"] == v).to_numpy()
+
+
+def judge_agreement_table(df, judges: Mapping[str, Callable] | None = None):
+    """One row per judge x group (overall / each dataset / each variant): agreement() with the human
+    labels plus both success rates. Judges: regex and llamaguard2 (from the file) and each callable
+    (list[str] -> list[bool], True = success)."""
+    import pandas as pd
+    cols = _judge_columns(df, judges)
+    human = df["human"].to_numpy(bool)
+    rows = []
+    for name, pred in cols.items():
+        for scope, group, mask in _groups(df):
+            rows.append({"judge": name, "scope": scope, "group": group, **agreement(pred[mask], human[mask]),
+                         "judge_rate": pred[mask].mean(), "human_rate": human[mask].mean()})
+    return pd.DataFrame(rows)
+
+
+def attack_success_table(df, judges: Mapping[str, Callable] | None = None):
+    """Attack-success rate per dataset (and 'all') x variant x judge, 'human' included, with Wilson 95 %
+    intervals and the difference to the human rate on the same rows."""
+    import pandas as pd
+    cols = {"human": df["human"].to_numpy(bool), **_judge_columns(df, judges)}
+    rows = []
+    datasets = [("all", np.ones(len(df), bool))] + [(d, (df["dataset"] == d).to_numpy())
+                                                      for d in df["dataset"].unique()]
+    for ds, dmask in datasets:
+        for v in df["variant"].unique():
+            mask = dmask & (df["variant"] == v).to_numpy()
+            n = int(mask.sum())
+            if n == 0:
+                continue
+            human_rate = cols["human"][mask].mean()
+            for name, pred in cols.items():
+                count = int(pred[mask].sum())
+                lo, hi = wilson(count, n)
+                rows.append({"dataset": ds, "variant": v, "model": VARIANT_MODEL.get(v, v), "judge": name,
+                             "count": count, "n": n, "rate": count / n, "wilson_low": lo, "wilson_high": hi,
+                             "minus_human": count / n - human_rate})
+    return pd.DataFrame(rows)
