@@ -31,7 +31,7 @@ import numpy as np
 from .config import DataError
 from .data import RELEASED_LAYERS, data_file, released_key
 from .stats import agreement, wilson
-from .svd import gram_ratios, paired_differences
+from .svd import gram_ratios, paired_differences, small_eigvalsh
 
 MODELS = {"base": "baseline", "AT": "at", "LAT": "lat"}  # project role -> upstream folder
 VARIANT_MODEL = {"no_ablation": "none", "baseline": "base", "at": "AT", "lat": "LAT"}  # CSV variant -> role
@@ -136,7 +136,7 @@ def bootstrap_gram_ratios(gram: np.ndarray, indices: np.ndarray, k: int = N_COMP
         g = gram[idx[:, :, None], idx[:, None, :]]
         if centered:
             g = g - g.mean(1, keepdims=True) - g.mean(2, keepdims=True) + g.mean((1, 2), keepdims=True)
-        eig = np.clip(np.linalg.eigvalsh(g)[:, ::-1], 0, None)
+        eig = np.clip(small_eigvalsh(g)[:, ::-1], 0, None)
         out[start:start + chunk, :min(k, eig.shape[1])] = (eig / eig.sum(1, keepdims=True))[:, :k]
     return out
 
