@@ -225,7 +225,7 @@ def refusal_probability(completions: list[str], instructions: list[str] | None =
     p = params or load_params()
     x = feature_matrix(completions, instructions)
     z = x @ np.asarray(p["weights"], dtype=float) + float(p["intercept"])
-    return 1.0 / (1.0 + np.exp(-z))
+    return np.exp(-np.logaddexp(0.0, -z))  # sigmoid without overflow
 
 
 def predict_refusal(completions: list[str], instructions: list[str] | None = None,
