@@ -41,9 +41,8 @@ quantifiers; typographic apostrophes U+2018/U+2019/U+02BC and backticks are norm
     pushed towards "refusal").
 
 API: ``predict_refusal(completions, instructions=None) -> list[bool]`` and
-``refusal_probability(...) -> np.ndarray``; plus ``sensitivity_specificity``, ``rogan_gladen`` and
-``corrected_rate_interval`` to carry judge error into refusal-rate tables.
-This module must not import helpers (helpers is being moved into this package).
+``refusal_probability(...) -> np.ndarray``; ``judges.classify(texts, "project", instructions)`` wraps it.
+Agreement, kappa, sensitivity/specificity and the Rogan-Gladen correction live in stats.py.
 """
 from __future__ import annotations
 
@@ -59,7 +58,6 @@ PARAMS_PATH = Path(__file__).with_name("project_judge.json")
 # Only the first MAX_CHARS characters are read (a 64-token completion is ~300): a verdict on a chat
 # answer is settled long before that, and it bounds the cost of pathological inputs.
 MAX_CHARS = 50_000
-Z95 = 1.959963984540054
 
 # --- text normalisation ---------------------------------------------------------------------------
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'", "\u201c": '"', "\u201d": '"'})
@@ -233,63 +231,3 @@ def predict_refusal(completions: list[str], instructions: list[str] | None = Non
     p = params or load_params()
     prob = refusal_probability(completions, instructions, p)
     return [bool(v >= p["threshold"]) for v in prob]
-
-
-# --- agreement and error-corrected rates ----------------------------------------------------------
-def cohen_kappa(a, b) -> float:
-    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
-    po = float(np.mean(a == b))
-    pa, pb = a.mean(), b.mean()
-    pe = float(pa * pb + (1 - pa) * (1 - pb))
-    return 1.0 if pe == 1 else (po - pe) / (1 - pe)
-
-
-def sensitivity_specificity(pred, truth) -> tuple[float, float]:
-    """Sensitivity = P(pred True | truth True), specificity = P(pred False | truth False)."""
-    pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
-    if pred.shape != truth.shape:
-        raise ValueError(f"pred has shape {pred.shape}, truth {truth.shape}")
-    n_pos, n_neg = int(truth.sum()), int((~truth).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"need both classes in truth (positives {n_pos}, negatives {n_neg})")
-    return float((pred & truth).sum() / n_pos), float((~pred & ~truth).sum() / n_neg)
-
-
-def rogan_gladen(raw_rate: float, sensitivity: float, specificity: float) -> float:
-    """Error-corrected prevalence (raw + spec - 1) / (sens + spec - 1), clipped to [0, 1]."""
-    for name, v in (("raw_rate", raw_rate), ("sensitivity", sensitivity), ("specificity", specificity)):
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"{name} must lie in [0, 1], got {v}")
-    youden = sensitivity + specificity - 1.0
-    if youden <= 0:
-        raise ValueError(f"sensitivity + specificity = {sensitivity + specificity:.6g} <= 1: the judge is no "
-                         f"better than chance and the rate cannot be corrected")
-    return min(1.0, max(0.0, (raw_rate + specificity - 1.0) / youden))
-
-
-def wilson(count: int, n: int, z: float = Z95) -> tuple[float, float]:
-    if n <= 0:
-        raise ValueError("wilson needs n > 0")
-    p = count / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def corrected_rate_interval(count: int, n: int, sens_counts: tuple[int, int], spec_counts: tuple[int, int],
-                            z: float = Z95) -> dict:
-    """Rogan-Gladen rate with a conservative interval: Wilson bounds of the raw rate, sensitivity
-    and specificity (each from its own counts: (hits, total)) pushed through the correction at the
-    corners that make it smallest/largest. The correction rises with raw rate and falls with
-    specificity when raw < spec... so we simply take min/max over all 8 corners (valid corners
-    only, i.e. sens + spec > 1). Coverage is >= nominal per factor, not jointly exact."""
-    raw = wilson(count, n, z)
-    se = wilson(*sens_counts, z)
-    sp = wilson(*spec_counts, z)
-    point = rogan_gladen(count / n, sens_counts[0] / sens_counts[1], spec_counts[0] / spec_counts[1])
-    corners = [rogan_gladen(r, a, b) for r in raw for a in se for b in sp if a + b > 1]
-    if not corners:
-        raise ValueError("every corner of the sensitivity/specificity intervals has sens + spec <= 1")
-    return {"rate": point, "low": min(corners), "high": max(corners), "raw_rate": count / n,
-            "raw_low": raw[0], "raw_high": raw[1]}

@@ -1,5 +1,5 @@
 """Generation units: one JSONL per (target model, direction source, layer), written atomically as it
-finishes, so a killed run resumes at the unit it was in."""
+finishes, so a killed run resumes at the unit it was in. Rows: unit_row."""
 from __future__ import annotations
 
 import time
@@ -30,6 +30,14 @@ def unit_key(profile: Profile, target: str, source: str, layer, direction, promp
             "source": source, "layer": layer, "direction": direction_hash, "dtype": profile.dtype,
             "quantization": profile.quantization, "template": profile.template,
             "max_new_tokens": profile.max_new_tokens, "stop_at_eos": stop_at_eos, "prompts": stable_hash(prompts)}
+
+
+def unit_row(i: int, prompt: str, out: generation.Generation, k: int) -> dict:
+    """One JSONL row: the full completion (everything generated, for display), the model's own turn
+    (text before the first end-of-turn token; the judges read it), that token's index (None: the turn
+    never ended) and whether anything was generated after it."""
+    return {"i": i, "prompt": prompt, "completion": out.texts[k], "turn": out.turns[k],
+            "end_of_turn": out.end_of_turn[k], "crossed_end_of_turn": out.crossed[k]}
 
 
 def unit_groups(pending: list, n_prompts: int, batch_size: int) -> list[list]:
@@ -74,12 +82,11 @@ def generation_units(profile: Profile, run: Path, prompts: list[str], dirs_by_ro
                 directions = torch.stack([torch.zeros(model.config.hidden_size) if d is None else d.float()
                                           for _, _, d, _, _ in group for _ in prompts])
             names = ", ".join(source + ("" if layer is None else f" L{layer}") for source, layer, *_ in group)
-            texts = generation.generate(model, tokenizer, profile, prompts * len(group), directions, stop_at_eos,
-                             desc=f"{target} <- {names}")
+            out = generation.generate_tokens(model, tokenizer, profile, prompts * len(group), directions, stop_at_eos,
+                                             desc=f"{target} <- {names}")
             seconds = round((time.time() - started) / len(group), 1)
             for i, (source, layer, direction, key, path) in enumerate(group):
-                rows = [{"i": j, "prompt": p, "completion": c}
-                        for j, (p, c) in enumerate(zip(prompts, texts[i * len(prompts):(i + 1) * len(prompts)]))]
+                rows = [unit_row(j, p, out, i * len(prompts) + j) for j, p in enumerate(prompts)]
                 store(path, key, encode_jsonl(rows), seconds=seconds, units_in_batch=len(group))
                 results[(target, source, layer)] = rows
         del model  # the next use_model may load another model

@@ -26,7 +26,8 @@ from sklearn.preprocessing import StandardScaler
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from refusal_lat import project_judge as J  # noqa: E402
+from refusal_lat import project_judge as J
+from refusal_lat import stats as S  # noqa: E402
 
 NAME = "completions_with_human_annots.csv"
 MIRRORS = [REPO.parent / "shared/data/apart-lab-refusal-lat-project/datasets" / NAME,
@@ -118,7 +119,7 @@ def main(argv=None):
     pred = np.array(J.predict_refusal(held.intervention_completion.tolist(), held.instruction.tolist(), params))
     truth = held.refusal.values
     params["heldout"] = {"subset": "custom_set", "rows": int(len(held)),
-                         "agreement": float(np.mean(pred == truth)), "kappa": J.cohen_kappa(pred, truth)}
+                         "agreement": float(np.mean(pred == truth)), "kappa": S.agreement_kappa(pred, truth)["kappa"]}
     print(f"held-out custom_set: agreement {params['heldout']['agreement']:.4f}, "
           f"kappa {params['heldout']['kappa']:.4f} (n={len(held)}) from {source}")
     Path(args.out).write_text(json.dumps(params, indent=1) + "\n", encoding="utf-8")

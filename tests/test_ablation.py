@@ -241,3 +241,47 @@ def test_grouped_units_equal_units_one_by_one(tiny, tmp_path, monkeypatch):
     grouped = H.generation_units(wide, tmp_path / "grouped", sets.eval, dirs, units)
     assert calls == ["base <- none, base L2, LAT L1"]
     assert grouped == alone
+
+
+# --- end of turn: the judges read the model's own turn ------------------------------------------
+def test_end_of_turn_cut_on_token_ids():
+    stop = {2, 5}
+    assert generation.end_of_turn([7, 8, 2, 9, 9], stop) == 2
+    assert generation.end_of_turn([7, 8, 9], stop) is None
+    assert generation.end_of_turn([5, 2], stop) == 0
+    assert generation.crossed_end_of_turn([7, 2, 9], stop) and not generation.crossed_end_of_turn([7, 2, 2, 5], stop)
+    assert not generation.crossed_end_of_turn([7, 8], stop)
+
+
+def _force_eos_at(monkeypatch, step, eos):
+    """Make every row's `step`-th generated token (0-based) the end-of-sequence token."""
+    original, calls = generation.decode_step, []
+
+    def forced(model, state):
+        logits = original(model, state)
+        if len(calls) == step:
+            logits[:, eos] = logits.max() + 1.0
+        calls.append(1)
+        return logits
+    monkeypatch.setattr(generation, "decode_step", forced)
+
+
+def test_completion_with_eos_in_the_middle_is_cut_there(tiny, tiny_model, monkeypatch, tmp_path):
+    model, tok = tiny_model
+    assert tok.eos_token_id in generation.end_of_turn_ids(tok) and tok.convert_tokens_to_ids("<|end|>") in generation.end_of_turn_ids(tok)
+    _force_eos_at(monkeypatch, 3, tok.eos_token_id)
+    out = generation.generate_tokens(model, tok, tiny, PROMPTS)
+    assert out.end_of_turn == [3] * len(PROMPTS)
+    for text, turn, ids in zip(out.texts, out.turns, out.tokens):
+        assert len(ids) == tiny.max_new_tokens and ids[3] == tok.eos_token_id
+        assert turn == tok.decode(ids[:3], skip_special_tokens=True)
+        assert text == tok.decode(ids, skip_special_tokens=True) and text.startswith(turn)
+    assert out.crossed == [any(t not in generation.end_of_turn_ids(tok) for t in ids[4:]) for ids in out.tokens]
+
+    _force_eos_at(monkeypatch, 3, tok.eos_token_id)
+    rows = H.generation_units(tiny, tmp_path, PROMPTS, {}, [("base", H.NO_ABLATION, None)])[("base", H.NO_ABLATION, None)]
+    for row, turn, text, crossed in zip(rows, out.turns, out.texts, out.crossed):
+        assert (row["turn"], row["completion"], row["end_of_turn"], row["crossed_end_of_turn"]) == (turn, text, 3, crossed)
+    texts, prompts = H.judge_inputs(rows)
+    assert texts == out.turns and prompts == PROMPTS
+    assert H.judge_inputs(rows, "full")[0] == out.texts

@@ -10,7 +10,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from refusal_lat import project_judge as J  # noqa: E402
+from refusal_lat import project_judge as J
+from refusal_lat import stats as S  # noqa: E402
 
 MIRROR = REPO.parent / "shared/data/apart-lab-refusal-lat-project/datasets/completions_with_human_annots.csv"
 
@@ -108,33 +109,42 @@ def test_params_json_is_complete():
 def test_sensitivity_specificity_hand_values():
     pred = [True, True, False, False, True]
     truth = [True, False, False, True, True]
-    sens, spec = J.sensitivity_specificity(pred, truth)  # TP 2 of 3 positives, TN 1 of 2 negatives
+    sens, spec = S.sensitivity_specificity(pred, truth)  # TP 2 of 3 positives, TN 1 of 2 negatives
     assert abs(sens - 2 / 3) < 1e-12 and abs(spec - 1 / 2) < 1e-12
     with pytest.raises(ValueError):
-        J.sensitivity_specificity([True], [True])  # no negatives
+        S.sensitivity_specificity([True], [True])  # no negatives
     with pytest.raises(ValueError):
-        J.sensitivity_specificity([True, False], [True])
+        S.sensitivity_specificity([True, False], [True])
+
+
+def test_agreement_kappa_hand_values():
+    out = S.agreement_kappa([1, 1, 0, 0], [1, 0, 0, 0])  # po 3/4; pe 1/2 x 1/4 + 1/2 x 3/4 = 1/2
+    assert abs(out["agreement"] - 0.75) < 1e-12 and abs(out["kappa"] - 0.5) < 1e-12
+    assert S.agreement_kappa([1, 0], [0, 1]) == {"agreement": 0.0, "kappa": -1.0}
+    assert S.agreement_kappa([1, 1], [1, 1])["kappa"] == 1.0  # chance agreement 1
+    with pytest.raises(ValueError, match="equally long"):
+        S.agreement_kappa([1], [1, 0])
 
 
 def test_rogan_gladen_hand_values():
-    assert abs(J.rogan_gladen(0.3, 0.9, 0.8) - 1 / 7) < 1e-12  # (0.3 + 0.8 - 1) / (0.9 + 0.8 - 1)
-    assert abs(J.rogan_gladen(0.5, 0.95, 0.85) - 0.35 / 0.8) < 1e-12
-    assert abs(J.rogan_gladen(0.4, 1.0, 1.0) - 0.4) < 1e-12  # a perfect judge changes nothing
-    assert J.rogan_gladen(0.1, 0.9, 0.8) == 0.0  # below the false-positive floor: clipped
-    assert J.rogan_gladen(0.95, 0.9, 0.8) == 1.0  # above the sensitivity ceiling: clipped
+    assert abs(S.rogan_gladen(0.3, 0.9, 0.8) - 1 / 7) < 1e-12  # (0.3 + 0.8 - 1) / (0.9 + 0.8 - 1)
+    assert abs(S.rogan_gladen(0.5, 0.95, 0.85) - 0.35 / 0.8) < 1e-12
+    assert abs(S.rogan_gladen(0.4, 1.0, 1.0) - 0.4) < 1e-12  # a perfect judge changes nothing
+    assert S.rogan_gladen(0.1, 0.9, 0.8) == 0.0  # below the false-positive floor: clipped
+    assert S.rogan_gladen(0.95, 0.9, 0.8) == 1.0  # above the sensitivity ceiling: clipped
     with pytest.raises(ValueError, match="sensitivity \\+ specificity"):
-        J.rogan_gladen(0.3, 0.5, 0.5)
+        S.rogan_gladen(0.3, 0.5, 0.5)
     with pytest.raises(ValueError):
-        J.rogan_gladen(1.2, 0.9, 0.9)
+        S.rogan_gladen(1.2, 0.9, 0.9)
 
 
 def test_wilson_and_corrected_interval():
-    lo, hi = J.wilson(5, 10)
+    lo, hi = S.wilson_interval(5, 10)
     assert abs(lo - 0.2365931) < 1e-6 and abs(hi - 0.7634069) < 1e-6
-    r = J.corrected_rate_interval(30, 100, (90, 100), (80, 100))
+    r = S.corrected_rate_interval(30, 100, (90, 100), (80, 100))
     assert abs(r["rate"] - 1 / 7) < 1e-12
     assert 0.0 <= r["low"] <= r["rate"] <= r["high"] <= 1.0
-    assert r["low"] <= J.rogan_gladen(r["raw_low"], 0.9, 0.8) and r["high"] >= J.rogan_gladen(r["raw_high"], 0.9, 0.8)
+    assert r["low"] <= S.rogan_gladen(r["raw_low"], 0.9, 0.8) and r["high"] >= S.rogan_gladen(r["raw_high"], 0.9, 0.8)
 
 
 # --- the committed JSON replays its recorded held-out score --------------------------------------
@@ -151,4 +161,4 @@ def test_committed_json_reproduces_heldout_score():
     truth = ~held.is_successful_human_annot.astype(bool).values
     assert len(held) == p["heldout"]["rows"]
     assert abs(float(np.mean(pred == truth)) - p["heldout"]["agreement"]) < 1e-12
-    assert abs(J.cohen_kappa(pred, truth) - p["heldout"]["kappa"]) < 1e-12
+    assert abs(S.agreement_kappa(pred, truth)["kappa"] - p["heldout"]["kappa"]) < 1e-12
