@@ -132,12 +132,15 @@ def score_units(results: dict, methods=METHODS, judge_text: str = "turn", like_l
     specificity, and the Rogan-Gladen corrected refusal rate with its propagated interval (NaN when the
     judge cannot be corrected). like_labelled (see stats.like_labelled) says whether the completions
     resemble the labelled ones; the correction is only as good as that resemblance, and even between
-    two labelled prompt sets the judges' sensitivity/specificity differ (docs/method.md, "Judges")."""
+    two labelled prompt sets the judges' sensitivity/specificity differ (docs/method.md, "Judges").
+    mean_refusal_log_odds: the cell's mean first-token refusal log-odds (selection.refusal_score),
+    a judge-free continuous companion of the rate."""
     import pandas as pd
     errors = judge_errors()
     rows = []
     for (target, source, layer), records in results.items():
         completions, prompts = judge_inputs(records, judge_text)
+        log_odds = sum(r["refusal_log_odds"] for r in records) / len(records) if "refusal_log_odds" in records[0] else math.nan
         for method in methods:
             labels = classify(completions, method, prompts)
             refusal = rate_summary(labels, 1)
@@ -154,7 +157,7 @@ def score_units(results: dict, methods=METHODS, judge_text: str = "turn", like_l
                          "judge_text": judge_text, "judge_sensitivity": e["tp"] / e["pos"],
                          "judge_specificity": e["tn"] / e["neg"], "corrected_rate": fixed["rate"],
                          "corrected_low": fixed["low"], "corrected_high": fixed["high"],
-                         "like_labelled": like_labelled})
+                         "like_labelled": like_labelled, "mean_refusal_log_odds": log_odds})
     return pd.DataFrame(rows)
 
 

@@ -136,21 +136,21 @@ def _units_setup(tiny, tmp_path):
 def test_resume_redoes_only_the_unfinished_unit(tiny, tmp_path, monkeypatch):
     sets, dirs = _units_setup(tiny, tmp_path)
     units = [("base", H.NO_ABLATION, None), ("base", "base", 2), ("base", "LAT", 2)]
-    real, calls = H.generate, []
+    real, calls = H.generate_tokens, []
 
     def crashing(*args, **kwargs):
         calls.append(kwargs.get("desc"))
         if len(calls) == 2:
             raise KeyboardInterrupt("killed mid-unit")
         return real(*args, **kwargs)
-    monkeypatch.setattr(generation, "generate", crashing)
+    monkeypatch.setattr(generation, "generate_tokens", crashing)
     with pytest.raises(KeyboardInterrupt):
         H.generation_units(tiny, tmp_path, sets.eval, dirs, units)
     assert H.unit_path(tmp_path, "base", H.NO_ABLATION, None).is_file()
     assert not H.unit_path(tmp_path, "base", "base", 2).exists()
 
     calls.clear()
-    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
+    monkeypatch.setattr(generation, "generate_tokens", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
     resumed = H.generation_units(tiny, tmp_path, sets.eval, dirs, units)
     assert calls == ["base <- base L2", "base <- LAT L2"]
     calls.clear()
@@ -237,7 +237,7 @@ def test_grouped_units_equal_units_one_by_one(tiny, tmp_path, monkeypatch):
     wide = dataclasses.replace(tiny, batch_size=len(sets.eval) * len(units))
     calls = []
     real = H.generate
-    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
+    monkeypatch.setattr(generation, "generate_tokens", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
     grouped = H.generation_units(wide, tmp_path / "grouped", sets.eval, dirs, units)
     assert calls == ["base <- none, base L2, LAT L1"]
     assert grouped == alone

@@ -158,8 +158,8 @@ def test_corrupted_generation_unit_is_regenerated(tiny, tmp_path, monkeypatch):
     path = H.unit_path(tmp_path, "base", "LAT", 2)
     path.write_text(path.read_text()[:15])  # torn line
     calls = []
-    real = H.generate
-    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = H.generate_tokens
+    monkeypatch.setattr(generation, "generate_tokens", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert H.generation_units(tiny, tmp_path, ["hi", "there"], dirs, units) == first
     assert calls == [1]
 
@@ -226,8 +226,8 @@ def test_kill_9_mid_generation_then_resume_equals_an_uninterrupted_run(tmp_path,
 
     tiny = H.load_profile("tiny")
     calls = []
-    real = H.generate
-    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
+    real = H.generate_tokens
+    monkeypatch.setattr(generation, "generate_tokens", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
     sets = H.prompt_sets(tiny)
     acts = {r: H.activations(tiny, r, sets, run) for r in tiny.roles}
     dirs = H.directions(run, acts)
