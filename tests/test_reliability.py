@@ -195,18 +195,19 @@ KILL_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     import helpers as H
     from pathlib import Path
+    from refusal_lat import generation
     profile = H.load_profile("tiny")
     sets = H.prompt_sets(profile)
     run = Path({run!r})
     acts = {{r: H.activations(profile, r, sets, run) for r in profile.roles}}
     dirs = H.directions(run, acts)
-    real, calls = H.generate, []
+    real, calls = generation.generate_tokens, []
     def slow_after_first(*a, **k):  # widen the window so the kill lands inside the second unit
         calls.append(1)
         if len(calls) > 1:
             time.sleep(30)
         return real(*a, **k)
-    H.generate = slow_after_first
+    generation.generate_tokens = slow_after_first
     H.generation_units(profile, run, sets.eval, dirs, H.transfer_units(profile))
 """)
 
