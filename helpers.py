@@ -74,15 +74,29 @@ from refusal_lat.directions import direction_cosines, directions, refusal_direct
 from refusal_lat.generation import (  # noqa: F401
     Generation,
     append_token,
+    crossed_end_of_turn,
     decode_step,
+    end_of_turn,
+    end_of_turn_ids,
     generate,
     generate_tokens,
     greedy_tokens,
     start_decoding,
 )
-from refusal_lat.units import NO_ABLATION, generation_units, transfer_units, unit_groups, unit_path  # noqa: F401
-from refusal_lat.judges import METHODS, classify  # noqa: F401
-from refusal_lat.stats import agreement, mcnemar, mcnemar_table, rate_summary, score_units, wilson  # noqa: F401
+from refusal_lat.units import NO_ABLATION, generation_units, transfer_units, unit_groups, unit_path, unit_row  # noqa: F401
+from refusal_lat.judges import METHODS, classify, judge_inputs  # noqa: F401
+from refusal_lat.stats import (  # noqa: F401
+    agreement,
+    corrected_rate_interval,
+    judge_errors,
+    like_labelled,
+    mcnemar,
+    mcnemar_table,
+    rate_summary,
+    rogan_gladen,
+    score_units,
+    wilson,
+)
 from refusal_lat.selection import (  # noqa: F401
     MAX_KL,
     best_layer_paper_rule,

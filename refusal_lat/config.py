@@ -60,6 +60,8 @@ class Profile:
     device: str = "auto"           # auto (CUDA when present) | cpu | cuda
     training: dict = field(default_factory=dict)  # notebook 00's recipe (refusal_lat.training.Recipe keys)
     train_threads: int = 0         # torch CPU threads while training adapters (0 = torch's default)
+    judge_text: str = "turn"       # what the judges read: "turn" (text before the first end-of-turn token)
+                                   # or "full" (everything generated, as the authors judged it)
 
     @property
     def roles(self) -> list[str]:
@@ -172,6 +174,8 @@ def load_profile(name: str = "cpu", overrides: dict | str | None = None) -> Prof
         raise ConfigError(f"profile '{name}': dtype {values['dtype']!r} not in {list(DTYPES)}")
     if values.get("device", "auto") not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"profile '{name}': device {values['device']!r} not in ['auto', 'cpu', 'cuda']")
+    if values.get("judge_text", "turn") not in ("turn", "full"):
+        raise ConfigError(f"profile '{name}': judge_text {values['judge_text']!r} not in ['turn', 'full']")
     if values["quantization"] not in ("none", "nf4"):
         raise ConfigError(f"profile '{name}': quantization {values['quantization']!r} not in ['none', 'nf4']")
     return Profile(**values)

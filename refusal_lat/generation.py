@@ -1,5 +1,6 @@
 """Generation: batched, left-padded, greedy, KV-cached; exactly max_new_tokens tokens (the paper: 64,
-no stop at end-of-sequence) unless stop_at_eos (docs/method.md, "Generation").
+no stop at end-of-sequence) unless stop_at_eos (docs/method.md, "Generation"). Every completion also
+keeps its own turn: the text before the first end-of-turn token (end_of_turn), which the judges read.
 
 start_decoding splits off the prompts' shared prefix, decode_step is one forward pass, greedy_tokens
 loops them with a direction ablated throughout, generate_tokens / generate batch and decode prompts.
@@ -84,11 +85,37 @@ def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, use_cac
     return (tokens, first_logits) if return_logits else tokens
 
 
+# Tokens that end the model's turn, where the vocabulary has them: Qwen's <|im_end|>, Llama-3's
+# <|eot_id|>, the tiny model's <|end|>, and end-of-sequence tokens (plus tokenizer.eos_token_id).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
+
+
+def end_of_turn_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's end-of-turn / end-of-sequence tokens."""
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+def end_of_turn(token_ids: list[int], stop_ids: set[int]) -> int | None:
+    """Index of the first end-of-turn token in a completion's token ids; None when the turn never ends."""
+    return next((i for i, t in enumerate(token_ids) if t in stop_ids), None)
+
+
+def crossed_end_of_turn(token_ids: list[int], stop_ids: set[int]) -> bool:
+    """Whether the model generated anything but end-of-turn tokens after its turn ended."""
+    cut = end_of_turn(token_ids, stop_ids)
+    return cut is not None and any(t not in stop_ids for t in token_ids[cut + 1:])
+
+
 @dataclass
 class Generation:
-    texts: list              # decoded completions, special tokens skipped
+    texts: list              # decoded completions, special tokens skipped (everything generated)
     tokens: list             # generated token ids per prompt
     first_logits: torch.Tensor | None  # [n, vocab] float32 logits of the first new token (return_logits)
+    turns: list = None       # decoded text before the first end-of-turn token (the model's own turn)
+    end_of_turn: list = None  # token index of that end-of-turn token, None when the turn never ended
+    crossed: list = None     # whether non-end-of-turn tokens were generated after it
 
 
 def generate_tokens(model, tokenizer, profile: Profile, instructions: list[str],
@@ -118,7 +145,11 @@ def generate_tokens(model, tokenizer, profile: Profile, instructions: list[str],
         token_ids += tokens.tolist()
         if return_logits:
             logits.append(first.float().cpu())
-    return Generation(texts, token_ids, torch.cat(logits) if return_logits else None)
+    stop = end_of_turn_ids(tokenizer)
+    cuts = [end_of_turn(t, stop) for t in token_ids]
+    turns = tokenizer.batch_decode([t if c is None else t[:c] for t, c in zip(token_ids, cuts)], skip_special_tokens=True)
+    return Generation(texts, token_ids, torch.cat(logits) if return_logits else None, turns, cuts,
+                      [crossed_end_of_turn(t, stop) for t in token_ids])
 
 
 def generate(model, tokenizer, profile: Profile, instructions: list[str], direction: torch.Tensor | None = None,

@@ -12,7 +12,7 @@ from .activations import activation_metadata, mean_difference
 from .config import Profile
 from .directions import refusal_directions
 from .hooks import ablation, activation_addition
-from .judges import classify
+from .judges import classify, judge_inputs
 from .models.load import model_fingerprint
 from .models import pool
 from .prefix import forward_after_prefix, prefill_shared_prefix
@@ -117,15 +117,17 @@ def selection_table(profile: Profile, run: Path, role: str, acts: dict, val: dic
 
 def harmless_checks(profile: Profile, run: Path, dirs_by_role: dict, picks: dict, prompts: list[str]) -> "pd.DataFrame":
     """Capability guard for chosen directions ({model: [layers]}): next-token KL on harmless prompts,
-    and how often the ablated model's harmless answers change class (project judge) or turn into
-    refusals, against the same model without ablation."""
+    and how often the ablated model's harmless answers (their own turn, unless the profile's
+    judge_text is "full") change class under the project judge or turn into refusals, against the
+    same model without ablation."""
     import pandas as pd
     rows = []
     for role, layers in picks.items():
         layers = sorted(set(layers))
         units = [(role, NO_ABLATION, None)] + [(role, role, layer) for layer in layers]
         results = generation_units(profile, run, prompts, dirs_by_role, units, kind="harmless")
-        before = classify([r["completion"] for r in results[units[0]]], "project")
+        texts, prompts_seen = judge_inputs(results[units[0]], profile.judge_text)
+        before = classify(texts, "project", prompts_seen)
         key = {"stage": VERSIONS["harmless-kl"], "role": role, "layers": layers, "prompts": stable_hash(prompts),
                "directions": [tensor_hash(dirs_by_role[role][l]) for l in layers],
                "model": model_fingerprint(profile, role)}
@@ -142,7 +144,8 @@ def harmless_checks(profile: Profile, run: Path, dirs_by_role: dict, picks: dict
         kl = cached(run / "selection" / f"{role}_harmless_kl.csv", key, compute, read_table, encode_table)
         kl = kl.set_index("layer").kl
         for unit in units[1:]:
-            after = classify([r["completion"] for r in results[unit]], "project")
+            texts, prompts_seen = judge_inputs(results[unit], profile.judge_text)
+            after = classify(texts, "project", prompts_seen)
             rows.append({"model": role, "layer": unit[2], "n": len(prompts), "kl": float(kl[unit[2]]),
                          "changed_class": np.mean([a != b for a, b in zip(before, after)]),
                          "refusal_before": before.count(1) / len(before), "refusal_after": after.count(1) / len(after)})

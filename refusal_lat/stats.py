@@ -1,12 +1,19 @@
-"""Rates with counts, Wald and Wilson intervals; agreement and Cohen's kappa of two raters; exact McNemar for
-paired cells; tidy score tables."""
+"""Rates with counts, Wald and Wilson intervals; agreement and Cohen's kappa; judge-error correction
+(Rogan-Gladen); exact McNemar for paired cells; tidy score tables."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
-from .judges import METHODS, classify
+from .judges import METHODS, classify, judge_inputs
 
 Z95 = 1.959963984540054
+# Each judge's confusion counts against the authors' human labels on the held-out custom_set half
+# (scripts/compare_judges.py --write): refusal = positive.
+JUDGE_ERRORS_PATH = Path(__file__).with_name("judge_errors.json")
+LABELLED_MODEL = "meta-llama/Llama-2-7b-chat-hf"
+LABELLED_TOKENS = 64
 
 
 def wilson(count: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -56,6 +63,40 @@ def agreement(pred, reference) -> dict:
             "specificity": tn / (tn + fp) if tn + fp else math.nan}
 
 
+def sensitivity_specificity(pred, truth) -> tuple[float, float]:
+    """Sensitivity = P(pred True | truth True), specificity = P(pred False | truth False); both classes needed."""
+    a = agreement(pred, truth)
+    if a["tp"] + a["fn"] == 0 or a["tn"] + a["fp"] == 0:
+        raise ValueError(f"need both classes in truth (positives {a['tp'] + a['fn']}, negatives {a['tn'] + a['fp']})")
+    return a["sensitivity"], a["specificity"]
+
+
+def rogan_gladen(raw_rate: float, sensitivity: float, specificity: float) -> float:
+    """Error-corrected prevalence (raw + spec - 1) / (sens + spec - 1), clipped to [0, 1]."""
+    for name, v in (("raw_rate", raw_rate), ("sensitivity", sensitivity), ("specificity", specificity)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {v}")
+    youden = sensitivity + specificity - 1.0
+    if youden <= 0:
+        raise ValueError(f"sensitivity + specificity = {sensitivity + specificity:.6g} <= 1: the judge is no "
+                         f"better than chance and the rate cannot be corrected")
+    return min(1.0, max(0.0, (raw_rate + specificity - 1.0) / youden))
+
+
+def corrected_rate_interval(count: int, n: int, sens_counts: tuple[int, int], spec_counts: tuple[int, int]) -> dict:
+    """Rogan-Gladen rate with a conservative interval: the min/max of the correction over the 8 corners
+    of the Wilson intervals of the raw rate, sensitivity and specificity (each (hits, total); corners
+    with sens + spec <= 1 are skipped). Coverage is >= nominal per factor, not jointly exact."""
+    raw = wilson(count, n)
+    se, sp = wilson(*sens_counts), wilson(*spec_counts)
+    point = rogan_gladen(count / n, sens_counts[0] / sens_counts[1], spec_counts[0] / spec_counts[1])
+    corners = [rogan_gladen(r, a, b) for r in raw for a in se for b in sp if a + b > 1]
+    if not corners:
+        raise ValueError("every corner of the sensitivity/specificity intervals has sens + spec <= 1")
+    return {"rate": point, "low": min(corners), "high": max(corners), "raw_rate": count / n,
+            "raw_low": raw[0], "raw_high": raw[1]}
+
+
 def mcnemar(labels_a: list[int], labels_b: list[int], label: int = 1) -> dict:
     """Exact two-sided McNemar test of "is `label`" on paired outcomes (same prompts, same order).
 
@@ -74,31 +115,69 @@ def mcnemar(labels_a: list[int], labels_b: list[int], label: int = 1) -> dict:
     return {"b": b, "c": c, "p_value": min(1.0, 2 * tail / 2**n)}
 
 
-def score_units(results: dict, methods=METHODS) -> "pd.DataFrame":
-    """Tidy rates: one row per unit x method with refusal / acceptance / invalid counts and intervals."""
+def judge_errors() -> dict:
+    """{method: {tp, pos, tn, neg}} from judge_errors.json, plus "labelled": what the labels judged."""
+    record = json.loads(JUDGE_ERRORS_PATH.read_text())
+    return {**record["methods"], "labelled": record["labelled"]}
+
+
+def like_labelled(profile) -> bool:
+    """Whether a profile's completions resemble the human-labelled ones (Llama-2-7b-chat family,
+    64-token greedy completions of harmful prompts): only then does the judges' measured error apply
+    directly. Other models and lengths (e.g. `cpu`: Qwen 0.5B, 32 tokens) are not directly comparable."""
+    return (all(spec.id == LABELLED_MODEL for spec in profile.models.values())
+            and profile.max_new_tokens == LABELLED_TOKENS)
+
+
+def score_units(results: dict, methods=METHODS, judge_text: str = "turn", like_labelled: bool | None = None
+                ) -> "pd.DataFrame":
+    """Tidy rates: one row per unit x method with refusal / acceptance / invalid counts and intervals,
+    judged on each row's own turn (judge_text="turn") or everything generated ("full"). Each row also
+    carries the judge's measured error against the human labels (judge_errors.json): sensitivity,
+    specificity, and the Rogan-Gladen corrected refusal rate with its propagated interval (NaN when the
+    judge cannot be corrected). like_labelled (see stats.like_labelled) says whether the completions
+    resemble the labelled ones; the correction is only as good as that resemblance, and even between
+    two labelled prompt sets the judges' sensitivity/specificity differ (docs/method.md, "Judges").
+    mean_refusal_log_odds: the cell's mean first-token refusal log-odds (selection.refusal_score),
+    a judge-free continuous companion of the rate."""
     import pandas as pd
+    errors = judge_errors()
     rows = []
     for (target, source, layer), records in results.items():
-        completions = [r["completion"] for r in records]
+        completions, prompts = judge_inputs(records, judge_text)
+        log_odds = sum(r["refusal_log_odds"] for r in records) / len(records) if "refusal_log_odds" in records[0] else math.nan
         for method in methods:
-            labels = classify(completions, method)
+            labels = classify(completions, method, prompts)
             refusal = rate_summary(labels, 1)
+            e = errors[method]
+            try:
+                fixed = corrected_rate_interval(refusal["count"], refusal["n"], (e["tp"], e["pos"]), (e["tn"], e["neg"]))
+            except ValueError:
+                fixed = {"rate": math.nan, "low": math.nan, "high": math.nan}
             rows.append({"target": target, "source": source, "layer": layer, "method": method,
                          "n": refusal["n"], "refusals": refusal["count"], "refusal_rate": refusal["rate"],
                          "wald_low": refusal["wald_low"], "wald_high": refusal["wald_high"],
                          "wilson_low": refusal["wilson_low"], "wilson_high": refusal["wilson_high"],
-                         "acceptance_rate": labels.count(0) / len(labels), "invalid_rate": labels.count(-1) / len(labels)})
+                         "acceptance_rate": labels.count(0) / len(labels), "invalid_rate": labels.count(-1) / len(labels),
+                         "judge_text": judge_text, "judge_sensitivity": e["tp"] / e["pos"],
+                         "judge_specificity": e["tn"] / e["neg"], "corrected_rate": fixed["rate"],
+                         "corrected_low": fixed["low"], "corrected_high": fixed["high"],
+                         "like_labelled": like_labelled, "mean_refusal_log_odds": log_odds})
     return pd.DataFrame(rows)
 
 
-def mcnemar_table(results: dict, method: str = "paper") -> "pd.DataFrame":
+def mcnemar_table(results: dict, method: str = "paper", judge_text: str = "turn") -> "pd.DataFrame":
     """Exact McNemar between every two cells of the same target (same prompts, different sources)."""
     import pandas as pd
     from itertools import combinations
     rows = []
     targets = sorted({u[0] for u in results}, key=[u[0] for u in results].index)
     for target in targets:
-        cells = {u: classify([r["completion"] for r in recs], method) for u, recs in results.items() if u[0] == target}
+        cells = {}
+        for unit, records in results.items():
+            if unit[0] == target:
+                texts, prompts = judge_inputs(records, judge_text)
+                cells[unit] = classify(texts, method, prompts)
         for a, b in combinations(cells, 2):
             test = mcnemar(cells[a], cells[b])
             rows.append({"target": target, "source_a": a[1], "source_b": b[1], "method": method,

@@ -1,5 +1,5 @@
 """Generation units: one JSONL per (target model, direction source, layer), written atomically as it
-finishes, so a killed run resumes at the unit it was in."""
+finishes, so a killed run resumes at the unit it was in. Rows: unit_row."""
 from __future__ import annotations
 
 import time
@@ -33,6 +33,15 @@ def unit_key(profile: Profile, target: str, source: str, layer, direction, promp
             "rows": len(prompts)}
 
 
+def unit_row(i: int, prompt: str, out: generation.Generation, k: int, log_odds: float) -> dict:
+    """One JSONL row: the full completion (everything generated, for display), the model's own turn
+    (text before the first end-of-turn token; the judges read it), that token's index (None: the turn
+    never ended), whether anything was generated after it, and the first token's refusal log-odds
+    (selection.refusal_score under the same intervention: a continuous companion of the judges)."""
+    return {"i": i, "prompt": prompt, "completion": out.texts[k], "turn": out.turns[k],
+            "end_of_turn": out.end_of_turn[k], "crossed_end_of_turn": out.crossed[k], "refusal_log_odds": log_odds}
+
+
 def unit_groups(pending: list, n_prompts: int, batch_size: int) -> list[list]:
     """Split one model's pending units into as few generation batches as batch_size allows, of even
     size: on a CPU a 320-row batch decodes about 1.4x faster per row than a 64-row one (BENCHMARKS.md).
@@ -49,6 +58,7 @@ def generation_units(profile: Profile, run: Path, prompts: list[str], dirs_by_ro
     Finished units are read back; the rest are generated target by target (one model in memory), several
     units of a target in one batch when batch_size holds them (one direction per row), each written as
     soon as its batch is done."""
+    from .selection import refusal_score, refusal_token_ids  # selection builds on this module
     results, todo = {}, {}
     for target, source, layer in units:
         model_role_spec(profile, target)
@@ -75,12 +85,14 @@ def generation_units(profile: Profile, run: Path, prompts: list[str], dirs_by_ro
                 directions = torch.stack([torch.zeros(model.config.hidden_size) if d is None else d.float()
                                           for _, _, d, _, _ in group for _ in prompts])
             names = ", ".join(source + ("" if layer is None else f" L{layer}") for source, layer, *_ in group)
-            texts = generation.generate(model, tokenizer, profile, prompts * len(group), directions, stop_at_eos,
-                             desc=f"{target} <- {names}")
+            out = generation.generate_tokens(model, tokenizer, profile, prompts * len(group), directions, stop_at_eos,
+                                             desc=f"{target} <- {names}", return_logits=True)
+            log_odds = refusal_score(torch.log_softmax(out.first_logits.double(), -1),
+                                     refusal_token_ids(tokenizer, profile)).tolist()
             seconds = round((time.time() - started) / len(group), 1)
             for i, (source, layer, direction, key, path) in enumerate(group):
-                rows = [{"i": j, "prompt": p, "completion": c}
-                        for j, (p, c) in enumerate(zip(prompts, texts[i * len(prompts):(i + 1) * len(prompts)]))]
+                rows = [unit_row(j, p, out, i * len(prompts) + j, log_odds[i * len(prompts) + j])
+                        for j, p in enumerate(prompts)]
                 store(path, key, encode_jsonl(rows), rows=len(rows), seconds=seconds, units_in_batch=len(group))
                 results[(target, source, layer)] = rows
         del model  # the next use_model may load another model

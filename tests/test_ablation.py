@@ -136,21 +136,21 @@ def _units_setup(tiny, tmp_path):
 def test_resume_redoes_only_the_unfinished_unit(tiny, tmp_path, monkeypatch):
     sets, dirs = _units_setup(tiny, tmp_path)
     units = [("base", H.NO_ABLATION, None), ("base", "base", 2), ("base", "LAT", 2)]
-    real, calls = H.generate, []
+    real, calls = H.generate_tokens, []
 
     def crashing(*args, **kwargs):
         calls.append(kwargs.get("desc"))
         if len(calls) == 2:
             raise KeyboardInterrupt("killed mid-unit")
         return real(*args, **kwargs)
-    monkeypatch.setattr(generation, "generate", crashing)
+    monkeypatch.setattr(generation, "generate_tokens", crashing)
     with pytest.raises(KeyboardInterrupt):
         H.generation_units(tiny, tmp_path, sets.eval, dirs, units)
     assert H.unit_path(tmp_path, "base", H.NO_ABLATION, None).is_file()
     assert not H.unit_path(tmp_path, "base", "base", 2).exists()
 
     calls.clear()
-    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
+    monkeypatch.setattr(generation, "generate_tokens", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
     resumed = H.generation_units(tiny, tmp_path, sets.eval, dirs, units)
     assert calls == ["base <- base L2", "base <- LAT L2"]
     calls.clear()
@@ -236,8 +236,55 @@ def test_grouped_units_equal_units_one_by_one(tiny, tmp_path, monkeypatch):
     alone = H.generation_units(tiny, tmp_path / "alone", sets.eval, dirs, units)
     wide = dataclasses.replace(tiny, batch_size=len(sets.eval) * len(units))
     calls = []
-    real = H.generate
-    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
+    real = H.generate_tokens
+    monkeypatch.setattr(generation, "generate_tokens", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
     grouped = H.generation_units(wide, tmp_path / "grouped", sets.eval, dirs, units)
     assert calls == ["base <- none, base L2, LAT L1"]
-    assert grouped == alone
+    strip = lambda res: {u: [{k: v for k, v in r.items() if k != "refusal_log_odds"} for r in rows] for u, rows in res.items()}
+    assert strip(grouped) == strip(alone)  # the log-odds differ in float reduction order only
+    for u in units:
+        assert [r["refusal_log_odds"] for r in grouped[u]] == pytest.approx([r["refusal_log_odds"] for r in alone[u]], abs=1e-4)
+
+
+# --- end of turn: the judges read the model's own turn ------------------------------------------
+def test_end_of_turn_cut_on_token_ids():
+    stop = {2, 5}
+    assert generation.end_of_turn([7, 8, 2, 9, 9], stop) == 2
+    assert generation.end_of_turn([7, 8, 9], stop) is None
+    assert generation.end_of_turn([5, 2], stop) == 0
+    assert generation.crossed_end_of_turn([7, 2, 9], stop) and not generation.crossed_end_of_turn([7, 2, 2, 5], stop)
+    assert not generation.crossed_end_of_turn([7, 8], stop)
+
+
+def _force_eos_at(monkeypatch, step, eos):
+    """Make every row's `step`-th generated token (0-based) the end-of-sequence token."""
+    original, calls = generation.decode_step, []
+
+    def forced(model, state):
+        logits = original(model, state)
+        if len(calls) == step:
+            logits[:, eos] = logits.max() + 1.0
+        calls.append(1)
+        return logits
+    monkeypatch.setattr(generation, "decode_step", forced)
+
+
+def test_completion_with_eos_in_the_middle_is_cut_there(tiny, tiny_model, monkeypatch, tmp_path):
+    model, tok = tiny_model
+    assert tok.eos_token_id in generation.end_of_turn_ids(tok) and tok.convert_tokens_to_ids("<|end|>") in generation.end_of_turn_ids(tok)
+    _force_eos_at(monkeypatch, 3, tok.eos_token_id)
+    out = generation.generate_tokens(model, tok, tiny, PROMPTS)
+    assert out.end_of_turn == [3] * len(PROMPTS)
+    for text, turn, ids in zip(out.texts, out.turns, out.tokens):
+        assert len(ids) == tiny.max_new_tokens and ids[3] == tok.eos_token_id
+        assert turn == tok.decode(ids[:3], skip_special_tokens=True)
+        assert text == tok.decode(ids, skip_special_tokens=True) and text.startswith(turn)
+    assert out.crossed == [any(t not in generation.end_of_turn_ids(tok) for t in ids[4:]) for ids in out.tokens]
+
+    _force_eos_at(monkeypatch, 3, tok.eos_token_id)
+    rows = H.generation_units(tiny, tmp_path, PROMPTS, {}, [("base", H.NO_ABLATION, None)])[("base", H.NO_ABLATION, None)]
+    for row, turn, text, crossed in zip(rows, out.turns, out.texts, out.crossed):
+        assert (row["turn"], row["completion"], row["end_of_turn"], row["crossed_end_of_turn"]) == (turn, text, 3, crossed)
+    texts, prompts = H.judge_inputs(rows)
+    assert texts == out.turns and prompts == PROMPTS
+    assert H.judge_inputs(rows, "full")[0] == out.texts

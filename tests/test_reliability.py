@@ -158,8 +158,8 @@ def test_corrupted_generation_unit_is_regenerated(tiny, tmp_path, monkeypatch):
     path = H.unit_path(tmp_path, "base", "LAT", 2)
     path.write_text(path.read_text()[:15])  # torn line
     calls = []
-    real = H.generate
-    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = H.generate_tokens
+    monkeypatch.setattr(generation, "generate_tokens", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert H.generation_units(tiny, tmp_path, ["hi", "there"], dirs, units) == first
     assert calls == [1]
 
@@ -195,18 +195,19 @@ KILL_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     import helpers as H
     from pathlib import Path
+    from refusal_lat import generation
     profile = H.load_profile("tiny")
     sets = H.prompt_sets(profile)
     run = Path({run!r})
     acts = {{r: H.activations(profile, r, sets, run) for r in profile.roles}}
     dirs = H.directions(run, acts)
-    real, calls = H.generate, []
+    real, calls = generation.generate_tokens, []
     def slow_after_first(*a, **k):  # widen the window so the kill lands inside the second unit
         calls.append(1)
         if len(calls) > 1:
             time.sleep(30)
         return real(*a, **k)
-    H.generate = slow_after_first
+    generation.generate_tokens = slow_after_first
     H.generation_units(profile, run, sets.eval, dirs, H.transfer_units(profile))
 """)
 
@@ -226,8 +227,8 @@ def test_kill_9_mid_generation_then_resume_equals_an_uninterrupted_run(tmp_path,
 
     tiny = H.load_profile("tiny")
     calls = []
-    real = H.generate
-    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
+    real = H.generate_tokens
+    monkeypatch.setattr(generation, "generate_tokens", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
     sets = H.prompt_sets(tiny)
     acts = {r: H.activations(tiny, r, sets, run) for r in tiny.roles}
     dirs = H.directions(run, acts)
