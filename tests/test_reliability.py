@@ -173,13 +173,14 @@ KILL_SCRIPT = textwrap.dedent("""
     run = Path({run!r})
     acts = {{r: H.activations(profile, r, sets, run) for r in profile.roles}}
     dirs = H.directions(run, acts)
-    real, calls = H.generate, []
+    from refusal_lat import generation  # patched where it is defined: units.py calls generation.generate
+    real, calls = generation.generate, []
     def slow_after_first(*a, **k):  # widen the window so the kill lands inside the second unit
         calls.append(1)
         if len(calls) > 1:
             time.sleep(30)
         return real(*a, **k)
-    H.generate = slow_after_first
+    generation.generate = slow_after_first
     H.generation_units(profile, run, sets.eval, dirs, H.transfer_units(profile))
 """)
 
