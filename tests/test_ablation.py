@@ -111,15 +111,6 @@ def test_generation_batch_equals_one_by_one(tiny, tiny_model):
     assert together == alone
 
 
-def test_stop_at_eos_pads_with_eos(tiny_model):
-    model, tok = tiny_model
-    batch = H.tokenize(tok, H.load_profile("tiny"), PROMPTS)
-    first = H.greedy_tokens(model, batch["input_ids"], batch["attention_mask"], 1)[:, 0]
-    eos = int(first[0])  # pretend the first sequence's first token is the end of sequence
-    tokens = H.greedy_tokens(model, batch["input_ids"], batch["attention_mask"], 6, eos_token_id=eos)
-    assert (tokens[0] == eos).all()
-
-
 def test_direction_of_another_width_is_refused(tiny_model):
     model, _ = tiny_model
     with pytest.raises(H.ConfigError, match=r"direction has shape \(7,\) but the model's residual width is 32"):
@@ -167,10 +158,17 @@ def test_transfer_scores_and_mcnemar(tiny, tmp_path):
     assert len(results) == 2 + 4
     scores = H.score_units(results)
     assert set(scores.method) == set(H.METHODS) and (scores.n == len(sets.eval)).all()
-    assert ((scores.wilson_low <= scores.refusal_rate) & (scores.refusal_rate <= scores.wilson_high)).all()
+    for row in scores.itertuples():  # each row is the rate_summary of its own unit's labels
+        labels = H.classify([r["completion"] for r in results[(row.target, row.source, row.layer if row.source != H.NO_ABLATION else None)]], row.method)
+        s = H.rate_summary(labels)
+        assert (row.refusals, row.refusal_rate, row.wilson_low, row.wilson_high) == (s["count"], s["rate"], s["wilson_low"], s["wilson_high"])
+        assert row.invalid_rate == labels.count(-1) / len(labels)
     tests = H.mcnemar_table(results)
     assert len(tests) == 2 * 3  # per target: 3 cells -> 3 pairs
-    assert tests.p_value.between(0, 1).all()
+    for row in tests.itertuples():
+        cells = {u[1]: H.classify([r["completion"] for r in recs], "paper") for u, recs in results.items() if u[0] == row.target}
+        t = H.mcnemar(cells[row.source_a], cells[row.source_b])
+        assert (row.only_a_refuses, row.only_b_refuses, row.p_value) == (t["b"], t["c"], t["p_value"])
 
 
 def test_one_direction_per_row_equals_separate_runs(tiny, tiny_model):

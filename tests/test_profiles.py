@@ -22,11 +22,6 @@ def test_paper_profile_is_the_papers_setting():
     assert (p.quantization, p.dtype) == ("nf4", "float16")
 
 
-def test_unknown_profile_lists_valid_ones():
-    with pytest.raises(H.ConfigError, match=r"unknown profile 'gpu'.*\['cpu', 'paper', 'tiny'\]"):
-        H.load_profile("gpu")
-
-
 def test_unknown_key_lists_valid_keys():
     with pytest.raises(H.ConfigError, match=r"unknown key\(s\) \['layers'\]; valid keys: .*'layer'"):
         H.load_profile("tiny", {"layers": 3})

@@ -126,10 +126,10 @@ def test_project_rules(text, expected):
     assert one(text, "project_rules") == expected
 
 
-def test_project_is_deterministic():
+def test_project_labels_a_batch_like_one_by_one():
     texts = [LATE_CANNOT, "I can\u2019t help with that.", LIST_ANSWER]
-    assert H.classify(texts, "project_rules") == H.classify(list(texts), "project_rules")
-    assert H.classify(texts, "project") == H.classify(list(texts), "project")
+    assert H.classify(texts, "project_rules") == [one(t, "project_rules") for t in texts] == [0, 1, 0]
+    assert H.classify(texts, "project") == [one(t, "project") for t in texts]
 
 
 # --- argument errors ------------------------------------------------------------------------------
@@ -149,10 +149,8 @@ def test_rate_summary_matches_paper_table1_cell():
     s = H.rate_summary([1] * 106 + [0] * 400 + [-1] * 14)
     assert (s["count"], s["n"]) == (106, 520)
     assert s["rate"] == pytest.approx(0.2038, abs=1e-3)
-    assert s["wald_low"] == pytest.approx(0.1692, abs=1e-3)
+    assert s["wald_low"] == pytest.approx(0.1692, abs=1e-3)  # the paper's printed digits; to 1e-9 by hand in test_stats.py
     assert s["wald_high"] == pytest.approx(0.2385, abs=1e-3)
-    ci = scipy.stats.binomtest(106, 520).proportion_ci(method="wilson")
-    assert (s["wilson_low"], s["wilson_high"]) == pytest.approx((ci.low, ci.high), abs=1e-9)
 
 
 def test_rate_summary_edges():

@@ -22,6 +22,9 @@ def test_kl_of_a_zero_direction_is_zero(tiny_model, logprobs):
     with H.ablation(model, torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))):
         changed = logprobs()
     assert H.kl_divergence(base, changed).min() > 0
+    p, q = base.exp(), changed.exp()  # KL(base || ablated), not the reverse
+    torch.testing.assert_close(torch.tensor(H.kl_divergence(base, changed)), (p * (base - changed)).sum(-1))
+    assert not torch.allclose(torch.tensor(H.kl_divergence(base, changed)), (q * (changed - base)).sum(-1))
 
 
 def test_adding_then_ablating_equals_ablating_alone(tiny_model, logprobs):
@@ -69,7 +72,20 @@ def test_selection_scores_on_tiny(tiny, tiny_model, tmp_path):
     assert len(val["harmful_val"]) == tiny.n_val and not set(val["harmful_val"]) & set(sets.eval)
     scores = H.selection_scores(model, tok, tiny, H.refusal_directions(acts["harmful"], acts["harmless"]),
                                 H.mean_difference(acts["harmful"], acts["harmless"]), val, [1, 2, 3])
-    assert list(scores.layer) == [1, 2, 3] and (scores.kl >= 0).all()
+    assert list(scores.layer) == [1, 2, 3]
+    tokens = H.refusal_token_ids(tok, tiny)
+    lp = lambda prompts: H.last_token_logprobs(model, tok, tiny, prompts)
+    base_harmless = lp(val["harmless_val"])
+    row = scores.iloc[1]  # layer 2, recomputed here from its definition
+    direction = H.refusal_directions(acts["harmful"], acts["harmless"])[2]
+    with H.ablation(model, direction):
+        assert row.refusal_score == pytest.approx(H.refusal_score(lp(val["harmful_val"]), tokens).mean(), abs=1e-9)
+        ablated = lp(val["harmless_val"])
+    p, q = base_harmless.exp(), ablated.exp()
+    assert row.kl == pytest.approx(float((p * (p.log() - q.log())).sum(-1).mean()), abs=1e-9) and row.kl > 0
+    with H.activation_addition(model, H.mean_difference(acts["harmful"], acts["harmless"])[2].float(), 2):
+        assert row.steering_score == pytest.approx(H.refusal_score(lp(val["harmless_val"]), tokens).mean(), abs=1e-9)
+    assert row.baseline_steering_score == pytest.approx(H.refusal_score(base_harmless, tokens).mean(), abs=1e-9)
 
 
 def test_shared_prefix_logprobs_equal_a_plain_forward(tiny_model):
