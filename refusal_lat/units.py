@@ -11,7 +11,7 @@ from . import generation
 from .config import ConfigError, Profile, model_role_spec
 from .models import pool
 from .models.load import model_fingerprint
-from .store import VERSIONS, encode_jsonl, fresh, read_jsonl, stable_hash, store, tensor_hash
+from .store import VERSIONS, StoreError, encode_jsonl, fresh, read_jsonl, stable_hash, store, tensor_hash
 
 
 NO_ABLATION = "none"
@@ -87,6 +87,9 @@ def generation_units(profile: Profile, run: Path, prompts: list[str], dirs_by_ro
             names = ", ".join(source + ("" if layer is None else f" L{layer}") for source, layer, *_ in group)
             out = generation.generate_tokens(model, tokenizer, profile, prompts * len(group), directions, stop_at_eos,
                                              desc=f"{target} <- {names}", return_logits=True)
+            if len(out.texts) != len(prompts) * len(group):
+                raise StoreError(f"generation returned {len(out.texts)} completions for {len(prompts) * len(group)} "
+                                 f"prompts ({target} <- {names}); refusing to save units with no or too few rows")
             log_odds = refusal_score(torch.log_softmax(out.first_logits.double(), -1),
                                      refusal_token_ids(tokenizer, profile)).tolist()
             seconds = round((time.time() - started) / len(group), 1)

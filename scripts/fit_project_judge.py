@@ -2,9 +2,9 @@
 
     .venv/bin/python scripts/fit_project_judge.py [CSV] [--design]
 
-CSV defaults to the offline mirror ../shared/data/apart-lab-refusal-lat-project/datasets/
-completions_with_human_annots.csv, then the pinned upstream URL. The data is never copied into the
-repo. Protocol (see the refusal_lat.project_judge docstring): fit and choose C by grouped CV (one-SE rule) on
+CSV defaults to the pinned file the project's data resolver finds (an explicit folder, data/cache, the
+offline mirror, or the upstream URL at the pinned commit; docs/method.md, "The authors' released data").
+The data is never copied into the repo. Protocol (see the refusal_lat.project_judge docstring): fit and choose C by grouped CV (one-SE rule) on
 advbench_test only, threshold fixed at 0.5, then score custom_set once with the frozen parameters.
 --design prints the CV table only (no JSON written, custom_set not scored): use it while changing
 features, so the held-out half is looked at once, at the end.
@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import sys
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -29,21 +28,19 @@ sys.path.insert(0, str(REPO))
 from refusal_lat import project_judge as J
 from refusal_lat import stats as S  # noqa: E402
 
-NAME = "completions_with_human_annots.csv"
-MIRRORS = [REPO.parent / "shared/data/apart-lab-refusal-lat-project/datasets" / NAME,
-           REPO / "shared/data/apart-lab-refusal-lat-project/datasets" / NAME]
-URL = ("https://raw.githubusercontent.com/nlpet/apart-lab-refusal-lat-project/"
-       "6f2343a83e2e37bc8893bd613338b6253ae99ef2/datasets/" + NAME)
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
 N_FOLDS, N_REPEATS, THRESHOLD = 8, 5, 0.5
 
 
+def data_file_url() -> str:
+    from refusal_lat.data import DATA_FILES
+    return DATA_FILES["released_human_annots"].url
+
+
 def read_bytes(path: str | None) -> tuple[bytes, str]:
-    candidates = [Path(path)] if path else [p for p in MIRRORS if p.exists()]
-    if candidates:
-        return candidates[0].read_bytes(), str(candidates[0])
-    with urllib.request.urlopen(URL, timeout=60) as r:
-        return r.read(), URL
+    from refusal_lat.data import data_file
+    found = Path(path) if path else data_file("released_human_annots")
+    return found.read_bytes(), str(found)
 
 
 def load(raw: bytes) -> pd.DataFrame:
@@ -112,7 +109,7 @@ def main(argv=None):
                "rule": "one-standard-error: smallest C with CV >= best - sqrt(best(1-best)/n)",
                "by_C": {str(c): v for c, v in cv.items()}},
         "fit_rows": int(len(dev)), "fit_subset": "advbench_test",
-        "data_sha256": hashlib.sha256(raw).hexdigest(), "data_source": URL,
+        "data_sha256": hashlib.sha256(raw).hexdigest(), "data_source": data_file_url(),
         "label": "refusal = not is_successful_human_annot, on intervention_completion",
     })
     held = d[d.dataset == "custom_set"]

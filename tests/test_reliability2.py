@@ -31,14 +31,17 @@ def one_line(excinfo) -> str:
 
 def test_a_unit_with_no_or_too_few_rows_is_never_saved(tiny, tmp_path, monkeypatch):
     dirs = {"base": torch.randn(4, 32), "LAT": torch.randn(4, 32)}
-    monkeypatch.setattr(generation, "generate", lambda *a, **k: [])  # what batch_size -1 used to return
+    def returning(n_missing):  # what batch_size -1 used to do: fewer completions than prompts
+        return lambda m, t, p, prompts, *a, **k: generation.Generation(
+            texts=["x"] * (len(prompts) - n_missing), tokens=[], first_logits=torch.zeros(len(prompts) - n_missing, 8))
+    monkeypatch.setattr(generation, "generate_tokens", returning(2))
     with pytest.raises(store.StoreError) as e:
         H.generation_units(tiny, tmp_path, ["hi", "there"], dirs, [("base", "LAT", 2)])
-    assert "refusing to save" in one_line(e) and "no rows" in one_line(e)
-    monkeypatch.setattr(generation, "generate", lambda m, t, p, prompts, *a, **k: ["x"] * (len(prompts) - 1))
+    assert "returned 0 completions for 2 prompts" in one_line(e) and "refusing to save" in one_line(e)
+    monkeypatch.setattr(generation, "generate_tokens", returning(1))
     with pytest.raises(store.StoreError) as e:
         H.generation_units(tiny, tmp_path, ["hi", "there"], dirs, [("base", "LAT", 2)])
-    assert "1 rows where its key says 2" in one_line(e)
+    assert "returned 1 completions for 2 prompts" in one_line(e)
     assert not list(tmp_path.rglob("*.jsonl")) and not list(tmp_path.rglob("*.tmp"))
 
 
@@ -124,8 +127,8 @@ def test_a_unit_cut_on_a_line_boundary_is_regenerated(tiny, tmp_path, monkeypatc
     path = H.unit_path(tmp_path, "base", "LAT", 2)
     path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))  # sed -i '$d'
     calls = []
-    real = H.generate
-    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = generation.generate_tokens
+    monkeypatch.setattr(generation, "generate_tokens", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert H.generation_units(tiny, tmp_path, ["hi", "there"], dirs, units) == first
     assert calls == [1] and len(store.read_jsonl(path)) == 2
 
