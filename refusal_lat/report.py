@@ -152,7 +152,7 @@ def svd_findings(summary: "pd.DataFrame", layer: int) -> str:
         *rows.loc[focus, ["comp2_low", "comp2_high"]], *rows.loc[o, ["comp2_low", "comp2_high"]]) != "overlaps"]
     lines.append(f"- So the data separate {focus}'s second component from "
                  + (", ".join(separated) if separated else "no other model")
-                 + " at this n" + ("" if separated else ": the paper's 'larger second component' is not reproduced here")
+                 + " at this n" + ("" if separated else ": these data do not show the paper's larger second component")
                  + ".")
     if focus in PAPER_SVD and "base" in PAPER_SVD:
         c1, c2 = PAPER_SVD[focus]
