@@ -111,4 +111,17 @@ from refusal_lat.selection import (  # noqa: F401
 )
 from refusal_lat import released  # noqa: F401  (the authors' released Llama-2 files: H.released.*)
 from refusal_lat.reference import AUTHORS_FROBENIUS, PAPER_SVD, PAPER_SWEEP_BEST, PAPER_SWEEP_REFUSAL, PAPER_TABLE1  # noqa: F401
-from refusal_lat.report import compares_to_paper, error_bars, markdown_table, summary_table  # noqa: F401
+from refusal_lat.report import (  # noqa: F401
+    PAPER_COLUMN,
+    compares_to_paper,
+    error_bars,
+    markdown_table,
+    mcnemar_findings,
+    overlap_words,
+    saturation_findings,
+    selection_findings,
+    summary_table,
+    svd_beside_paper,
+    svd_findings,
+    transfer_beside_paper,
+)

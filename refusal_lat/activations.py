@@ -14,6 +14,7 @@ from .hooks import capture_block_inputs
 from .models.load import model_fingerprint
 from .models import pool
 from .prefix import forward_after_prefix, prefill_shared_prefix
+from .progress import progress
 from .prompts import context_length, read_tokens, tokenize
 from .store import VERSIONS, cached, encode_tensors, read_tensors, stable_hash
 
@@ -38,12 +39,11 @@ def trunk_forward(model, input_ids, attention_mask, position: int, capture: bool
 def block_inputs(model, tokenizer, profile: Profile, instructions: list[str], desc: str = "",
                  batch_size: int | None = None) -> torch.Tensor:
     """[n, n_layers, d] float32 residual stream at the read position for every block input."""
-    from tqdm import tqdm
     require_prompts(instructions, desc)
     batch_size = batch_size or profile.batch_size
     device = next(model.parameters()).device
     chunks = []
-    for start in tqdm(range(0, len(instructions), batch_size), desc=desc or "activations", leave=False):
+    for start in progress(range(0, len(instructions), batch_size), desc=desc or "activations", unit="batch"):
         batch = tokenize(tokenizer, profile, instructions[start:start + batch_size], device,
                          max_length=context_length(model))
         check_read_position(batch["attention_mask"], profile.read_position, instructions[start:start + batch_size])

@@ -15,6 +15,7 @@ from .config import ConfigError, Profile
 from .data import require_prompts
 from .hooks import ablation
 from .prefix import prefill_shared_prefix
+from .progress import progress
 from .prompts import context_length, position_ids, tokenize
 
 
@@ -61,11 +62,12 @@ def append_token(state: Decoding, token: torch.Tensor):
 @torch.no_grad()
 def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, use_cache: bool = True,
                   eos_token_id: int | None = None, direction: torch.Tensor | None = None,
-                  return_logits: bool = False):
+                  return_logits: bool = False, on_token=None):
     """[batch, max_new_tokens] greedy continuation, with `direction` ([d], or [batch, d] one per row)
     ablated throughout. use_cache=False is the paper's recompute loop (the golden reference for the
     KV-cached path). With eos_token_id, sequences that emitted it continue with pad = eos and the loop
-    ends when all have. return_logits: also the [batch, vocab] logits of the first new token."""
+    ends when all have. return_logits: also the [batch, vocab] logits of the first new token. on_token():
+    called after each decoded token (progress)."""
     state = start_decoding(model, input_ids, attention_mask, use_cache, direction)
     new_tokens, first_logits = [], None
     done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
@@ -79,6 +81,8 @@ def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, use_cac
                 done |= token == eos_token_id
             new_tokens.append(token)
             append_token(state, token)
+            if on_token is not None:
+                on_token()
             if eos_token_id is not None and done.all():
                 break
     tokens = torch.stack(new_tokens, dim=1)
@@ -125,7 +129,6 @@ def generate_tokens(model, tokenizer, profile: Profile, instructions: list[str],
     """Greedy completions of `instructions` as text and token ids, with `direction` ablated everywhere
     when given: one [d] vector for all of them, or a [len(instructions), d] matrix, one per prompt.
     batch_size and max_new_tokens default to the profile's."""
-    from tqdm import tqdm
     require_prompts(instructions, desc)
     batch_size = batch_size or profile.batch_size
     max_new_tokens = max_new_tokens or profile.max_new_tokens
@@ -134,17 +137,23 @@ def generate_tokens(model, tokenizer, profile: Profile, instructions: list[str],
         raise ConfigError(f"{len(direction)} directions for {len(instructions)} prompts; pass one per prompt")
     device = next(model.parameters()).device
     texts, token_ids, logits = [], [], []
-    for start in tqdm(range(0, len(instructions), batch_size), desc=desc or "generate", leave=False):
+    n_batches = -(-len(instructions) // batch_size)
+    bar = progress(total=n_batches * max_new_tokens, desc=f"{desc or 'generate'} ({len(instructions)} prompts)",
+                   unit="tok")
+    for b, start in enumerate(range(0, len(instructions), batch_size)):
         rows = slice(start, start + batch_size)
         batch = tokenize(tokenizer, profile, instructions[rows], device,
                          max_length=context_length(model) - max_new_tokens)
         tokens, first = greedy_tokens(model, batch["input_ids"], batch["attention_mask"], max_new_tokens,
                                       eos_token_id=tokenizer.eos_token_id if stop_at_eos else None,
-                                      direction=direction[rows] if per_row else direction, return_logits=True)
+                                      direction=direction[rows] if per_row else direction, return_logits=True,
+                                      on_token=lambda: bar.update(1))
+        bar.update((b + 1) * max_new_tokens - bar.n)  # a batch that stopped early at end-of-sequence
         texts += tokenizer.batch_decode(tokens, skip_special_tokens=True)
         token_ids += tokens.tolist()
         if return_logits:
             logits.append(first.float().cpu())
+    bar.close()
     stop = end_of_turn_ids(tokenizer)
     cuts = [end_of_turn(t, stop) for t in token_ids]
     turns = tokenizer.batch_decode([t if c is None else t[:c] for t, c in zip(token_ids, cuts)], skip_special_tokens=True)

@@ -16,6 +16,7 @@ from .judges import classify, judge_inputs
 from .models.load import model_fingerprint
 from .models import pool
 from .prefix import forward_after_prefix, prefill_shared_prefix
+from .progress import progress
 from .prompts import tokenize
 from .store import VERSIONS, cached, encode_table, read_table, stable_hash, tensor_hash
 from .units import NO_ABLATION, generation_units
@@ -73,12 +74,11 @@ def selection_scores(model, tokenizer, profile: Profile, dirs: torch.Tensor, mea
     harmless_val under that ablation, and the refusal score on harmless_val when the un-normalised
     mean difference is added at its layer (the steering score)."""
     import pandas as pd
-    from tqdm import tqdm
     tokens = refusal_token_ids(tokenizer, profile)
     base_harmless = last_token_logprobs(model, tokenizer, profile, val["harmless_val"])
     base_harmful = last_token_logprobs(model, tokenizer, profile, val["harmful_val"])
     rows = []
-    for layer in tqdm(layers, desc="selection", leave=False):
+    for layer in progress(layers, desc="selection", unit="layer"):
         with ablation(model, dirs[layer]):
             harmful = last_token_logprobs(model, tokenizer, profile, val["harmful_val"])
             harmless = last_token_logprobs(model, tokenizer, profile, val["harmless_val"])

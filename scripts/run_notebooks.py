@@ -1,11 +1,14 @@
 """Run notebooks/NN_*.ipynb in order through papermill on one profile.
 
 Executed copies go to runs/<profile>/notebooks/; a failing cell stops the series with a non-zero
-exit naming the notebook and the cell. Timings and peak memory go to runs/<profile>/series.csv.
+exit naming the notebook and the cell. What the kernel prints (progress lines with ETAs, plain text:
+REFUSAL_LAT_PROGRESS=text) streams to this script's own stdout/stderr as it runs. Timings and peak
+memory go to runs/<profile>/series.csv.
 """
 import argparse
 import csv
 import io
+import os
 import resource
 import sys
 import time
@@ -57,6 +60,7 @@ def main() -> int:
     except OSError as err:
         print(f"error: {H.write_failure(out_dir, err)}", file=sys.stderr)
         return 2
+    os.environ["REFUSAL_LAT_PROGRESS"] = "text"  # the kernel inherits it: refusal_lat/progress.py
     rows = []
     for nb in notebooks:
         if nb.name.startswith("00_") and not (args.train or missing_adapters(H, profile)):
@@ -68,6 +72,7 @@ def main() -> int:
         try:
             pm.execute_notebook(str(nb), str(executed), parameters={"profile": profile.name, "run_dir": str(run)},
                                 cwd=str(nb.parent), kernel_name="python3", progress_bar=False,
+                                stdout_file=sys.stdout, stderr_file=sys.stderr,
                                 extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no TCP-transport warning
         except pm.PapermillExecutionError as err:
             print(f"FAILED: {nb.name}, cell {err.cell_index} (execution count {err.exec_count}): "

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -92,9 +93,15 @@ def verified_folder(folder: Path, sha256: str) -> bool:
 def convert(gguf: Path, out: Path):
     """Dequantise the GGUF to float32 and save model + tokenizer as safetensors into `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from tqdm.auto import tqdm
     print(f"converting {gguf.name} to safetensors once (about a minute)…", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    gguf_utils.tqdm = partial(tqdm, disable=True)  # its per-tensor bar: ~45 lines in a notebook's output
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    finally:
+        gguf_utils.tqdm = tqdm
     config = loaded.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")

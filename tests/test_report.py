@@ -1,0 +1,71 @@
+"""The words of the notebooks' "What this shows" cells follow the numbers; the text progress mode."""
+import io
+
+import pandas as pd
+
+from refusal_lat import progress as progress_mod
+from refusal_lat import report as R
+
+
+def _svd(lat_c2, lat_lo, lat_hi):
+    row = {"layer": 2, "n_pairs": 50, "comp1": 0.5, "comp1_low": 0.4, "comp1_high": 0.6, "first_two": 0.6,
+           "first_two_low": 0.55, "first_two_high": 0.65, "null_comp2_mean": 0.05, "null_comp2_p": 0.5}
+    return pd.DataFrame([{**row, "model": "base", "comp2": 0.05, "comp2_low": 0.04, "comp2_high": 0.06},
+                         {**row, "model": "LAT", "comp2": lat_c2, "comp2_low": lat_lo, "comp2_high": lat_hi}])
+
+
+def test_overlap_words():
+    assert R.overlap_words(0.4, 0.5, 0.45, 0.6) == "overlaps"
+    assert R.overlap_words(0.7, 0.8, 0.45, 0.6) == "lies above"
+    assert R.overlap_words(0.1, 0.2, 0.45, 0.6) == "lies below"
+
+
+def test_svd_findings_words_follow_the_intervals():
+    apart = R.svd_findings(_svd(0.20, 0.15, 0.25), layer=2)
+    together = R.svd_findings(_svd(0.055, 0.05, 0.07), layer=2)
+    assert "lies above base's" in apart and "separate LAT's second component from base" in apart
+    assert "overlaps base's" in together and "from no other model" in together
+    assert "not evidence" in apart  # the re-pairing null is never read as structure
+
+
+def test_mcnemar_findings_names_only_significant_cells():
+    tests = pd.DataFrame([{"target": "LAT", "source_a": "none", "source_b": "LAT", "only_a_refuses": 9,
+                           "only_b_refuses": 0, "p_value": 0.004},
+                          {"target": "LAT", "source_a": "base", "source_b": "LAT", "only_a_refuses": 1,
+                           "only_b_refuses": 1, "p_value": 1.0}])
+    words = R.mcnemar_findings(tests)
+    assert "against no ablation: 1 of 1 differ: LAT: none vs LAT" in words
+    assert "between directions: 0 of 1 differ." in words
+
+
+def test_saturation_and_selection_findings():
+    rates = pd.DataFrame({"none": [1.0, 1.0], "base": [1.0, 0.2], "LAT": [1.0, 0.3]}, index=["AT", "base"])
+    assert R.saturation_findings(rates).startswith("AT refuses")
+    assert R.saturation_findings(rates.loc[["base"]]).startswith("No attacked model")
+    sweep = pd.DataFrame({"target": ["AT"] * 3 + ["base"] * 3, "layer": [1, 2, 3] * 2,
+                          "refusal_rate": [1.0, 1.0, 1.0, 0.9, 0.2, 0.5]})
+    checks = pd.DataFrame([{"model": "base", "layer": 2, "n": 10, "kl": 0.01, "changed_class": 0.1,
+                            "refusal_before": 0.0, "refusal_after": 0.2}])
+    words = R.selection_findings(sweep, {"AT": 1, "base": 2}, {"AT": None, "base": 3}, checks)
+    assert "AT: the paper rule picks layer 1" in words and "degenerate" in words.split("\n")[0]
+    assert "degenerate" not in words.split("\n")[1] and "over-refusal +20.0 pp" in words
+
+
+def test_summary_and_tables_carry_the_paper_column_on_every_profile():
+    svd = _svd(0.2, 0.15, 0.25)
+    table = R.svd_beside_paper(svd)
+    assert table.loc[("LAT", "component 2"), R.PAPER_COLUMN] == "20"
+
+
+def test_progress_text_mode_writes_plain_lines(monkeypatch):
+    monkeypatch.setenv("REFUSAL_LAT_PROGRESS", "text")
+    out = io.StringIO()
+    bar = progress_mod.progress(total=4, desc="generate", unit="tok", mininterval=0, stream=out)
+    for _ in range(4):
+        bar.update(1)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and len(lines) >= 2
+    assert lines[-1].startswith("generate: 100%") and "4/4" in lines[-1]
+    monkeypatch.delenv("REFUSAL_LAT_PROGRESS")
+    assert not progress_mod.text_mode()
