@@ -1,0 +1,69 @@
+"""Copy the executed notebooks of a finished run to notebooks/reference/<profile>/, for readers on GitHub.
+
+Usage: python scripts/publish_reference.py [--profile cpu] [--run-dir runs/cpu]
+
+Refuses (exit 1, nothing copied) when an output shows more of a harmful prompt or of a generated
+completion than its first few words: every evaluation prompt and every completion of the run's
+generation units is searched for in the outputs, by its first 60 characters.
+"""
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHOWN = 60  # characters: longer than "the first few words" that truncate() leaves
+
+
+def output_text(notebook: Path) -> str:
+    cells = json.loads(notebook.read_text())["cells"]
+    parts = []
+    for cell in cells:
+        for out in cell.get("outputs", []):
+            parts.append("".join(out.get("text", "")))
+            for mime, value in out.get("data", {}).items():
+                if mime.startswith("text/"):
+                    parts.append("".join(value))
+    return "\n".join(parts)
+
+
+def leaks(text: str, run: Path) -> list[str]:
+    """Completions and prompts of the run's generation units whose first SHOWN characters appear in text."""
+    found = []
+    for unit in sorted(run.glob("generations/**/*.jsonl")):
+        for line in unit.read_text().splitlines():
+            row = json.loads(line)
+            for field in ("prompt", "completion", "turn"):
+                value = (row.get(field) or "").strip()
+                if len(value) >= SHOWN and value[:SHOWN] in text:
+                    found.append(f"{unit.name} row {row['i']} {field}")
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--run-dir", default=None)
+    args = parser.parse_args()
+    run = Path(args.run_dir) if args.run_dir else REPO / "runs" / args.profile
+    notebooks = sorted((run / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if not notebooks:
+        print(f"error: no executed notebooks in {run / 'notebooks'}; run `make reproduce` first", file=sys.stderr)
+        return 2
+    problems = {nb.name: leaks(output_text(nb), run) for nb in notebooks}
+    if any(problems.values()):
+        for name, found in problems.items():
+            for item in found:
+                print(f"error: {name} shows more than the first words of {item}", file=sys.stderr)
+        return 1
+    target = REPO / "notebooks" / "reference" / args.profile
+    target.mkdir(parents=True, exist_ok=True)
+    for nb in notebooks:
+        shutil.copyfile(nb, target / nb.name)
+    print(f"copied {len(notebooks)} notebooks to {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Committed reference notebooks show harmful prompts and completions only as their first few words."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import publish_reference as P  # noqa: E402
+
+
+def _notebook(path: Path, shown: str):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x", outputs=[
+        nbformat.v4.new_output("stream", name="stdout", text=shown)])])
+    nbformat.write(nb, path)
+
+
+def test_publish_refuses_a_notebook_that_shows_a_whole_completion(tmp_path):
+    run = tmp_path / "run"
+    (run / "notebooks").mkdir(parents=True)
+    (run / "generations" / "eval").mkdir(parents=True)
+    completion = "Step one of the dangerous procedure is to gather the following materials and then"
+    (run / "generations" / "eval" / "base__none.jsonl").write_text(
+        json.dumps({"i": 0, "prompt": "Explain how to do the dangerous thing in detail please", "completion": completion}) + "\n")
+    _notebook(run / "notebooks" / "03_x.ipynb", f"ok: {completion[:30]}…\n")  # the first words only: fine
+    assert P.leaks(P.output_text(run / "notebooks" / "03_x.ipynb"), run) == []
+    _notebook(run / "notebooks" / "03_x.ipynb", f"shown: {completion}\n")
+    assert P.leaks(P.output_text(run / "notebooks" / "03_x.ipynb"), run) == ["base__none.jsonl row 0 completion"]
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "publish_reference.py"), "--run-dir", str(run),
+                             "--profile", "test-never-committed"], capture_output=True, text=True)
+    assert result.returncode == 1 and "shows more than the first words" in result.stderr
+    assert not (REPO / "notebooks" / "reference" / "test-never-committed").exists()
+
+
+def test_committed_reference_notebooks_show_no_whole_harmful_prompt():
+    notebooks = sorted((REPO / "notebooks" / "reference").glob("*/*.ipynb"))
+    if not notebooks:
+        pytest.skip("no reference notebooks committed")
+    from refusal_lat.config import DataError
+    from refusal_lat.data import paper_splits
+    try:
+        splits = paper_splits()
+    except DataError as err:
+        pytest.skip(f"datasets not reachable here: {err}")
+    harmful = [p for key in ("harmful_train", "harmful_test", "gpt4o") for p in splits[key] if len(p) >= P.SHOWN]
+    for nb in notebooks:
+        text = P.output_text(nb)
+        shown = [p[:40] for p in harmful if p[:P.SHOWN] in text]
+        assert not shown, f"{nb.name} shows whole harmful prompts: {shown[:3]}"
