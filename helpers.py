@@ -60,7 +60,14 @@ from refusal_lat.activations import (  # noqa: F401
     trunk_forward,
 )
 from refusal_lat.svd import (  # noqa: F401
+    auroc,
+    bootstrap_indices,
     bootstrap_ratios,
+    intervals,
+    paired_model_differences,
+    profile_paired_differences,
+    second_direction_table,
+    second_direction_tests,
     explained_variance_ratio,
     layer_activations,
     mean_difference_norms,
@@ -88,8 +95,10 @@ from refusal_lat.judges import METHODS, classify, judge_inputs  # noqa: F401
 from refusal_lat.stats import (  # noqa: F401
     agreement,
     corrected_rate_interval,
+    holm,
     judge_errors,
     like_labelled,
+    log_odds_matrix,
     mcnemar,
     mcnemar_table,
     rate_summary,
@@ -99,6 +108,7 @@ from refusal_lat.stats import (  # noqa: F401
 )
 from refusal_lat.selection import (  # noqa: F401
     MAX_KL,
+    NO_BEST_LAYER,
     best_layer_paper_rule,
     harmless_checks,
     kl_divergence,

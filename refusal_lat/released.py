@@ -31,11 +31,11 @@ import numpy as np
 from .config import DataError
 from .data import RELEASED_LAYERS, data_file, released_key
 from .stats import agreement, wilson
-from .svd import gram_ratios, paired_differences, small_eigvalsh
+from .svd import (DEFAULT_PAIRS, N_COMPONENTS, bootstrap_gram_ratios, bootstrap_indices, gram_ratios, intervals,  # noqa: F401
+                  paired_differences, paired_model_differences, small_eigvalsh, variance_ratios)
 
 MODELS = {"base": "baseline", "AT": "at", "LAT": "lat"}  # project role -> upstream folder
 VARIANT_MODEL = {"no_ablation": "none", "baseline": "base", "at": "AT", "lat": "LAT"}  # CSV variant -> role
-N_COMPONENTS = 10
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,50 +114,12 @@ def frobenius_norm(d: np.ndarray) -> float:
     return float(np.sqrt(np.sum(np.asarray(d, np.float64) ** 2)))
 
 
-def variance_ratios(d: np.ndarray, k: int = N_COMPONENTS, centered: bool = False) -> np.ndarray:
-    """s^2 / sum s^2 of D (centered: of D minus its column means), the first k, largest first."""
-    d = np.asarray(d, np.float64)
-    return gram_ratios(d @ d.T, k, centered)
-
-
-def bootstrap_indices(n: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
-    """[n_boot, n] resample indices of the pairs (with replacement); share them across models so that
-    model differences are paired."""
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-
-
-def bootstrap_gram_ratios(gram: np.ndarray, indices: np.ndarray, k: int = N_COMPONENTS,
-                          centered: bool = False, chunk: int = 100) -> np.ndarray:
-    """[n_boot, k] ratios of D[idx] for each row idx of `indices`, from the n x n Gram matrix: what
-    svd.gram_ratios gives for each resampled Gram matrix, computed on stacks of `chunk` at once."""
-    out = np.zeros((len(indices), k))
-    for start in range(0, len(indices), chunk):
-        idx = indices[start:start + chunk]
-        g = gram[idx[:, :, None], idx[:, None, :]]
-        if centered:
-            g = g - g.mean(1, keepdims=True) - g.mean(2, keepdims=True) + g.mean((1, 2), keepdims=True)
-        eig = np.clip(small_eigvalsh(g)[:, ::-1], 0, None)
-        out[start:start + chunk, :min(k, eig.shape[1])] = (eig / eig.sum(1, keepdims=True))[:, :k]
-    return out
-
-
 def bootstrap_replicates(diffs: Mapping, n_boot: int = 1000, seed: int = 0, k: int = N_COMPONENTS,
                          centered: bool = False) -> dict:
     """{(model, layer): [n_boot, k]} ratios; every model of a layer uses the same resample indices (seed),
     so replicates of two models at a layer are paired. Pass to svd_long_table / paired_model_differences."""
     return {key: bootstrap_gram_ratios(d @ d.T, bootstrap_indices(len(d), n_boot, seed), k, centered)
             for key, d in diffs.items()}
-
-
-def intervals(point, boot, level: float = 0.95) -> dict:
-    """Percentile [q_lo, q_hi] and basic [2 t - q_hi, 2 t - q_lo] bootstrap intervals of the estimate
-    `point` from replicates `boot` (axis 0). Basic intervals correct the first-order bias of the
-    bootstrap distribution (the share of a leading eigenvalue is biased upward under resampling, and
-    percentile intervals inherit that bias); a basic interval may therefore lie off-centre or even
-    exclude the estimate. The tables use basic intervals (lo/hi); percentile ones are pct_lo/pct_hi."""
-    point = np.asarray(point, np.float64)
-    q_lo, q_hi = np.quantile(np.asarray(boot, np.float64), [(1 - level) / 2, (1 + level) / 2], axis=0)
-    return {"pct_lo": q_lo, "pct_hi": q_hi, "basic_lo": 2 * point - q_hi, "basic_hi": 2 * point - q_lo}
 
 
 def released_differences(models: Sequence[str] = tuple(MODELS), layers: Sequence[int] = RELEASED_LAYERS,
@@ -221,46 +183,6 @@ def svd_wide_summary(long, frob=None):
     if frob is not None:
         out = out.merge(frob[["model", "layer", "frobenius"]], on=["model", "layer"], how="left")
     return out
-
-
-DEFAULT_PAIRS = (("LAT", "base"), ("LAT", "AT"), ("AT", "base"))
-
-
-def paired_model_differences(diffs: Mapping, pairs=DEFAULT_PAIRS, components=(1, 2), n_boot: int = 1000,
-                             seed: int = 0, level: float = 0.95, centered: bool = False, boot: Mapping | None = None):
-    """Ratio(a) - ratio(b) per layer and component with bootstrap intervals, both models resampled with
-    the SAME pair indices in each replicate (this assumes row i is the same prompt in every model's
-    file, which the released files support: see the notes). Basic interval in lo/hi, percentile in
-    pct_lo/pct_hi; p_boot = two-sided share of replicate differences on the other side of 0. `boot`:
-    bootstrap_replicates(diffs, n_boot, seed, k >= max(components), centered) if already computed."""
-    import pandas as pd
-    k = max(components)
-    layers = sorted({l for _, l in diffs}, key=[l for _, l in diffs].index)
-    rows = []
-    for layer in layers:
-        models = [m for m, l in diffs if l == layer]
-        n = len(diffs[(models[0], layer)])
-        idx = bootstrap_indices(n, n_boot, seed)
-        point, reps = {}, {}
-        for m in {x for p in pairs for x in p} & set(models):
-            d = diffs[(m, layer)]
-            if len(d) != n:
-                raise ValueError(f"layer {layer}: models have different numbers of pairs; cannot pair them")
-            point[m] = variance_ratios(d, k, centered)
-            reps[m] = boot[(m, layer)][:, :k] if boot is not None else bootstrap_gram_ratios(d @ d.T, idx, k, centered)
-        for a, b in pairs:
-            if a not in point or b not in point:
-                continue
-            est, rep = point[a] - point[b], reps[a] - reps[b]
-            ci = intervals(est, rep, level)
-            for c in components:
-                j = c - 1
-                r = rep[:, j]
-                p = min(1.0, 2 * min((r <= 0).mean(), (r >= 0).mean()))
-                rows.append({"layer": layer, "a": a, "b": b, "component": c, "difference": est[j],
-                             "lo": ci["basic_lo"][j], "hi": ci["basic_hi"][j],
-                             "pct_lo": ci["pct_lo"][j], "pct_hi": ci["pct_hi"][j], "p_boot": p})
-    return pd.DataFrame(rows)
 
 
 def figure2(long, layer: int, models: Sequence[str] = tuple(MODELS), k: int = N_COMPONENTS,

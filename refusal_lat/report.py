@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .config import Profile
 from .reference import PAPER_SVD, PAPER_SWEEP_BEST, PAPER_TABLE1
+from .selection import NO_BEST_LAYER
 from .units import NO_ABLATION
 
 
@@ -40,7 +41,8 @@ def summary_table(profile: Profile, transfer: "pd.DataFrame", svd: "pd.DataFrame
              "paper": PAPER_TABLE1.get((role, role))},
             {"model": role, "quantity": f"SVD first two components % at layer {profile.layer} [95 % CI]",
              "ours": first_two, "paper": None if svd_paper is None else f"{svd_paper[0]} + {svd_paper[1]}"},
-            {"model": role, "quantity": "best layer, paper rule", "ours": best_by_sweep.get(role),
+            {"model": role, "quantity": "best layer, paper rule",
+             "ours": NO_BEST_LAYER if role in best_by_sweep and best_by_sweep[role] is None else best_by_sweep.get(role),
              "paper": PAPER_SWEEP_BEST.get(role)},
             {"model": role, "quantity": "best layer, refusal_direction rule", "ours": best_by_selection.get(role),
              "paper": "not run"},

@@ -28,12 +28,21 @@ PRUNE = 0.2         # refusal_direction's rule: the last 20 % of layers are not 
 
 
 def best_layer_paper_rule(sweep: "pd.DataFrame", max_invalid: float = MAX_INVALID) -> dict:
-    """{model: layer} with the lowest refusal rate among layers whose invalid rate is < 5 %."""
+    """{model: layer} by the authors' loop: layers in order, best rate starting at 100 %, a layer whose
+    invalid rate is < 5 % replaces the best only if its refusal rate is strictly lower. So ties keep the
+    earliest layer, and when no eligible layer lowers refusal below 100 % the answer is None (shown as
+    NO_BEST_LAYER), not the first layer."""
     out = {}
     for role, part in sweep.groupby("target", sort=False):
-        ok = part[part.invalid_rate < max_invalid]
-        out[role] = None if ok.empty else int(ok.sort_values(["refusal_rate", "layer"]).iloc[0].layer)
+        best, best_rate = None, 1.0
+        for row in part.sort_values("layer").itertuples():
+            if row.invalid_rate < max_invalid and row.refusal_rate < best_rate:
+                best, best_rate = int(row.layer), row.refusal_rate
+        out[role] = best
     return out
+
+
+NO_BEST_LAYER = "none (no layer lowers refusal)"
 
 
 @torch.no_grad()

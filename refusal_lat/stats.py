@@ -166,20 +166,81 @@ def score_units(results: dict, methods=METHODS, judge_text: str = "turn", like_l
     return pd.DataFrame(rows)
 
 
+def holm(p_values) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error control), in the input order: sort
+    ascending, p_(i) * (m - i + 1) for i = 1..m, running maximum, capped at 1."""
+    p = [float(x) for x in p_values]
+    for x in p:
+        if not 0.0 <= x <= 1.0:
+            raise ValueError(f"p-values must lie in [0, 1], got {x}")
+    m, out, running = len(p), [0.0] * len(p), 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda i: p[i])):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
 def mcnemar_table(results: dict, method: str = "paper", judge_text: str = "turn") -> "pd.DataFrame":
-    """Exact McNemar between every two cells of the same target (same prompts, different sources)."""
+    """Exact McNemar between cells on the same prompts: every two sources on the same target ("same
+    target"), and every two targets under the same source ("same source": different models, paired by
+    prompt, e.g. LAT<-base vs base<-base). All rows form one family: p_holm is Holm-adjusted over the
+    whole table, and `family` says how many tests it holds."""
     import pandas as pd
     from itertools import combinations
+    cells, prompts_of = {}, {}
+    for unit, records in results.items():
+        texts, prompts = judge_inputs(records, judge_text)
+        cells[unit] = classify(texts, method, prompts)
+        prompts_of[unit] = [r["prompt"] for r in records]
     rows = []
-    targets = sorted({u[0] for u in results}, key=[u[0] for u in results].index)
-    for target in targets:
-        cells = {}
-        for unit, records in results.items():
-            if unit[0] == target:
-                texts, prompts = judge_inputs(records, judge_text)
-                cells[unit] = classify(texts, method, prompts)
+    for kind, key in (("same target", 0), ("same source", 1)):
         for a, b in combinations(cells, 2):
+            if a[key] != b[key] or (kind == "same source" and a[0] == b[0]):
+                continue
+            if prompts_of[a] != prompts_of[b]:
+                raise ValueError(f"cells {a} and {b} were run on different prompts; McNemar needs the same prompts")
             test = mcnemar(cells[a], cells[b])
-            rows.append({"target": target, "source_a": a[1], "source_b": b[1], "method": method,
-                         "only_a_refuses": test["b"], "only_b_refuses": test["c"], "p_value": test["p_value"]})
+            rows.append({"comparison": kind, "target_a": a[0], "source_a": a[1], "target_b": b[0], "source_b": b[1],
+                         "method": method, "only_a_refuses": test["b"], "only_b_refuses": test["c"],
+                         "p_value": test["p_value"]})
+    out = pd.DataFrame(rows)
+    if len(out):
+        out["p_holm"] = holm(out.p_value)
+        out["family"] = f"all {len(out)} McNemar tests of this table ({method} judge)"
+    return out
+
+
+def log_odds_matrix(results: dict, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> "pd.DataFrame":
+    """Mean first-token refusal log-odds per cell (target x source, `none` included) with basic bootstrap
+    intervals over prompts, and paired differences vs the target's no-ablation cell and vs its own
+    direction. Every cell must hold the same prompts in the same order: one set of resample indices
+    (seed) serves every cell, so all intervals and differences are paired by prompt."""
+    import numpy as np
+    import pandas as pd
+    from .svd import bootstrap_indices, intervals
+    from .units import NO_ABLATION
+    prompts = None
+    scores = {}
+    for (target, source, _), records in results.items():
+        if not records or "refusal_log_odds" not in records[0]:
+            raise ValueError(f"cell {target}<-{source} has no refusal_log_odds; regenerate its unit")
+        seen = [r["prompt"] for r in records]
+        if prompts is None:
+            prompts = seen
+        elif seen != prompts:
+            raise ValueError(f"cell {target}<-{source} holds different prompts; paired intervals need the same ones")
+        scores[(target, source)] = np.array([r["refusal_log_odds"] for r in records], np.float64)
+    idx = bootstrap_indices(len(prompts), n_boot, seed)
+    rows = []
+    for (target, source), x in scores.items():
+        row = {"target": target, "source": source, "n": len(x), "mean_log_odds": x.mean()}
+        for name, ref in (("vs_none", (target, NO_ABLATION)), ("vs_self", (target, target)), (None, None)):
+            y = x - scores[ref] if name else x
+            if name and ref not in scores:
+                continue
+            ci = intervals(y.mean(), y[idx].mean(1), level)
+            col = f"diff_{name}" if name else "mean_log_odds"
+            row[col] = y.mean()
+            row[f"{col}_lo"], row[f"{col}_hi"] = float(ci["basic_lo"]), float(ci["basic_hi"])
+        rows.append(row)
     return pd.DataFrame(rows)

@@ -2,10 +2,14 @@
 D = harmful_i - harmless_i (index-paired), *uncentered* SVD, ratio s^2 / sum s^2."""
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 import torch
 
 from .config import ConfigError
+
+N_COMPONENTS = 10
 
 
 def layer_activations(acts: dict, role: str, layer: int, name: str) -> np.ndarray:
@@ -77,21 +81,17 @@ def gram_ratios(gram: np.ndarray, k: int, centered: bool = False) -> np.ndarray:
 
 def bootstrap_ratios(harmful, harmless, n_boot: int = 1000, seed: int = 0, k: int = 2,
                      centered: bool = False) -> np.ndarray:
-    """[n_boot, k] ratios after resampling pairs with replacement (rows of the Gram matrix)."""
+    """[n_boot, k] ratios after resampling pairs with replacement (bootstrap_indices(n, n_boot, seed): the
+    same seed gives the same resamples for every model with the same number of pairs)."""
     d = paired_differences(harmful, harmless)
-    gram = d @ d.T
-    rng = np.random.default_rng(seed)
-    out = np.empty((n_boot, k))
-    for b in range(n_boot):
-        idx = rng.integers(0, len(d), len(d))
-        g = gram[np.ix_(idx, idx)]
-        out[b] = gram_ratios(g, k, centered)
-    return out
+    return bootstrap_gram_ratios(d @ d.T, bootstrap_indices(len(d), n_boot, seed), k, centered)
 
 
 def repairing_null(harmful, harmless, n_perm: int = 1000, seed: int = 0, k: int = 2) -> np.ndarray:
     """[n_perm, k] uncentered ratios when harmless rows are randomly re-paired with harmful rows:
-    how much of each component the arbitrary pairing alone produces."""
+    how much of each component the arbitrary pairing alone produces. Not a test of structure: the
+    paper's index pairing is itself an arbitrary pairing, so its p-value against this null is uniform
+    for any model; second_direction_tests asks the question directly."""
     a, b = _as_matrix(harmful, ""), _as_matrix(harmless, "")
     aa, ab, bb = a @ a.T, a @ b.T, b @ b.T
     rng = np.random.default_rng(seed)
@@ -141,8 +141,9 @@ def mean_difference_norms(acts_by_role: dict) -> "pd.DataFrame":
 
 def svd_summary(acts_by_role: dict, layer: int, n_boot: int = 1000, seed: int = 0,
                 nulls: dict | None = None) -> "pd.DataFrame":
-    """One row per model at `layer`: the paper's two ratios with bootstrap 95 % intervals, the centered
-    ratios, the random re-pairing null for comparison (pass repairing_nulls' result to reuse it), and
+    """One row per model at `layer`: the paper's two ratios with basic bootstrap 95 % intervals (see
+    `intervals`), the centered ratios, the random re-pairing null (pass repairing_nulls' result to reuse
+    it; not evidence about structure: the paper's pairing is itself arbitrary, see repairing_null), and
     the norm of the mean difference."""
     import pandas as pd
     rows = []
@@ -156,13 +157,157 @@ def svd_summary(acts_by_role: dict, layer: int, n_boot: int = 1000, seed: int = 
         row = {"model": role, "layer": layer, "n_pairs": len(h), "comp1": plain[0], "comp2": plain[1],
                "first_two": plain[:2].sum()}
         for name, values in (("comp1", boot[:, 0]), ("comp2", boot[:, 1]), ("first_two", boot.sum(1))):
-            row[f"{name}_low"], row[f"{name}_high"] = np.percentile(values, [2.5, 97.5])
+            ci = intervals(row[name], values)
+            row[f"{name}_low"], row[f"{name}_high"] = float(ci["basic_lo"]), float(ci["basic_hi"])
         row.update({"comp1_centered": centered[0], "comp2_centered": centered[1],
                     "null_comp1_mean": null[:, 0].mean(), "null_comp2_mean": null[:, 1].mean(),
                     "null_comp2_p": (1 + (null[:, 1] >= plain[1]).sum()) / (1 + len(null)),
                     "mean_diff_norm": float(np.linalg.norm(h.mean(0) - hl.mean(0)))})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def variance_ratios(d: np.ndarray, k: int = N_COMPONENTS, centered: bool = False) -> np.ndarray:
+    """s^2 / sum s^2 of D (centered: of D minus its column means), the first k, largest first."""
+    d = np.asarray(d, np.float64)
+    return gram_ratios(d @ d.T, k, centered)
+
+
+def bootstrap_indices(n: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """[n_boot, n] resample indices of the pairs (with replacement); share them across models so that
+    model differences are paired."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def bootstrap_gram_ratios(gram: np.ndarray, indices: np.ndarray, k: int = N_COMPONENTS,
+                          centered: bool = False, chunk: int = 100) -> np.ndarray:
+    """[n_boot, k] ratios of D[idx] for each row idx of `indices`, from the n x n Gram matrix: what
+    svd.gram_ratios gives for each resampled Gram matrix, computed on stacks of `chunk` at once."""
+    out = np.zeros((len(indices), k))
+    for start in range(0, len(indices), chunk):
+        idx = indices[start:start + chunk]
+        g = gram[idx[:, :, None], idx[:, None, :]]
+        if centered:
+            g = g - g.mean(1, keepdims=True) - g.mean(2, keepdims=True) + g.mean((1, 2), keepdims=True)
+        eig = np.clip(small_eigvalsh(g)[:, ::-1], 0, None)
+        out[start:start + chunk, :min(k, eig.shape[1])] = (eig / eig.sum(1, keepdims=True))[:, :k]
+    return out
+
+
+def intervals(point, boot, level: float = 0.95) -> dict:
+    """Percentile [q_lo, q_hi] and basic [2 t - q_hi, 2 t - q_lo] bootstrap intervals of the estimate
+    `point` from replicates `boot` (axis 0). Basic intervals correct the first-order bias of the
+    bootstrap distribution (the share of a leading eigenvalue is biased upward under resampling, and
+    percentile intervals inherit that bias); a basic interval may therefore lie off-centre or even
+    exclude the estimate. The tables use basic intervals (lo/hi); percentile ones are pct_lo/pct_hi."""
+    point = np.asarray(point, np.float64)
+    q_lo, q_hi = np.quantile(np.asarray(boot, np.float64), [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return {"pct_lo": q_lo, "pct_hi": q_hi, "basic_lo": 2 * point - q_hi, "basic_hi": 2 * point - q_lo}
+
+
+DEFAULT_PAIRS = (("LAT", "base"), ("LAT", "AT"), ("AT", "base"))
+
+
+def paired_model_differences(diffs: Mapping, pairs=DEFAULT_PAIRS, components=(1, 2), n_boot: int = 1000,
+                             seed: int = 0, level: float = 0.95, centered: bool = False, boot: Mapping | None = None,
+                             first_two: bool = False):
+    """Ratio(a) - ratio(b) per layer and component with bootstrap intervals, both models resampled with
+    the SAME pair indices in each replicate (this assumes row i is the same prompt in every model's
+    file, which the released files support: see the notes). Basic interval in lo/hi, percentile in
+    pct_lo/pct_hi; p_boot = two-sided share of replicate differences on the other side of 0. `boot`:
+    bootstrap_replicates(diffs, n_boot, seed, k >= max(components), centered) if already computed.
+    first_two: also a row with component "1+2", the difference of the first two components' summed share."""
+    import pandas as pd
+    k = max(*components, 2 if first_two else 1)
+    layers = sorted({l for _, l in diffs}, key=[l for _, l in diffs].index)
+    rows = []
+    for layer in layers:
+        models = [m for m, l in diffs if l == layer]
+        n = len(diffs[(models[0], layer)])
+        idx = bootstrap_indices(n, n_boot, seed)
+        point, reps = {}, {}
+        for m in {x for p in pairs for x in p} & set(models):
+            d = diffs[(m, layer)]
+            if len(d) != n:
+                raise ValueError(f"layer {layer}: models have different numbers of pairs; cannot pair them")
+            point[m] = variance_ratios(d, k, centered)
+            reps[m] = boot[(m, layer)][:, :k] if boot is not None else bootstrap_gram_ratios(d @ d.T, idx, k, centered)
+        for a, b in pairs:
+            if a not in point or b not in point:
+                continue
+            est, rep = point[a] - point[b], reps[a] - reps[b]
+            quantities = [(c, c - 1) for c in components]
+            if first_two:
+                est, rep = np.append(est, est[:2].sum()), np.column_stack([rep, rep[:, :2].sum(1)])
+                quantities.append(("1+2", len(est) - 1))
+            ci = intervals(est, rep, level)
+            for c, j in quantities:
+                r = rep[:, j]
+                p = min(1.0, 2 * min((r <= 0).mean(), (r >= 0).mean()))
+                rows.append({"layer": layer, "a": a, "b": b, "component": c, "difference": est[j],
+                             "lo": ci["basic_lo"][j], "hi": ci["basic_hi"][j],
+                             "pct_lo": ci["pct_lo"][j], "pct_hi": ci["pct_hi"][j], "p_boot": p})
+    return pd.DataFrame(rows)
+
+
+def profile_paired_differences(acts_by_role: dict, layers, pairs=(("LAT", "base"), ("LAT", "SFT"), ("LAT", "AT")),
+                               n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> "pd.DataFrame":
+    """paired_model_differences on the profile's own activations at `layers`: component 1, 2 and the
+    first-two share ("1+2"), model a minus model b, every model resampled with the same pair indices
+    (all models read the same prompt pairs). Pairs whose models the profile lacks are skipped."""
+    diffs = {(role, layer): paired_differences(layer_activations(acts, role, layer, "harmful"),
+                                               layer_activations(acts, role, layer, "harmless"))
+             for role, acts in acts_by_role.items() for layer in layers}
+    pairs = [(a, b) for a, b in pairs if a in acts_by_role and b in acts_by_role]
+    return paired_model_differences(diffs, pairs, (1, 2), n_boot, seed, level, first_two=True)
+
+
+def auroc(positive, negative) -> float:
+    """Area under the ROC curve of scores `positive` (class 1) vs `negative` (class 0): P(pos > neg) +
+    0.5 P(pos = neg) over all pairs (the Mann-Whitney statistic / (n_pos n_neg))."""
+    pos, neg = np.asarray(positive, np.float64).ravel(), np.asarray(negative, np.float64).ravel()
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError(f"auroc needs scores of both classes; got {len(pos)} positive, {len(neg)} negative")
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+
+
+def top_component(x: np.ndarray) -> np.ndarray:
+    """Unit first principal axis of the rows of x (centered)."""
+    from scipy.linalg import svd
+    return svd(x - x.mean(0), full_matrices=False)[2][0]
+
+
+def second_direction_tests(harmful, harmless) -> dict:
+    """Does the 2nd right singular vector v2 of D = harmful - harmless (uncentered, the paper's SVD) carry
+    a second refusal dimension? Cosines (absolute: singular vectors have no sign) of v1 and v2 with the
+    mean difference and with the top principal axis of the harmful-only and of the harmless-only
+    activations (within-class spread: a v2 close to those is prompt variation, not refusal), and the
+    AUROC of harmful vs harmless projections on v1 and v2, each oriented so that the mean difference
+    projects positively (0.5: the direction does not separate the classes; in-sample, so optimistic)."""
+    h, hl = _as_matrix(harmful, "harmful: "), _as_matrix(harmless, "harmless: ")
+    d = paired_differences(h, hl)
+    from scipy.linalg import svd
+    vt = svd(d, full_matrices=False)[2]
+    if len(vt) < 2:
+        raise ValueError("second_direction_tests needs at least 2 pairs and 2 dimensions")
+    mean = d.mean(0)
+    unit = mean / np.linalg.norm(mean)
+    pc_h, pc_hl = top_component(h), top_component(hl)
+    out = {"n_pairs": len(d)}
+    for name, v in (("v1", vt[0]), ("v2", vt[1])):
+        sign = 1.0 if v @ mean >= 0 else -1.0
+        out.update({f"{name}_cos_mean_diff": abs(float(v @ unit)), f"{name}_cos_harmful_pc1": abs(float(v @ pc_h)),
+                    f"{name}_cos_harmless_pc1": abs(float(v @ pc_hl)),
+                    f"{name}_auroc": auroc(sign * h @ v, sign * hl @ v)})
+    return out
+
+
+def second_direction_table(activations: Mapping) -> "pd.DataFrame":
+    """One row of second_direction_tests per {(model, layer): (harmful, harmless)}."""
+    import pandas as pd
+    return pd.DataFrame([{"model": m, "layer": l, **second_direction_tests(h, hl)}
+                         for (m, l), (h, hl) in activations.items()])
 
 
 def pca_2d(harmful, harmless) -> tuple[np.ndarray, np.ndarray]:

@@ -164,10 +164,12 @@ def test_transfer_scores_and_mcnemar(tiny, tmp_path):
         assert (row.refusals, row.refusal_rate, row.wilson_low, row.wilson_high) == (s["count"], s["rate"], s["wilson_low"], s["wilson_high"])
         assert row.invalid_rate == labels.count(-1) / len(labels)
     tests = H.mcnemar_table(results)
-    assert len(tests) == 2 * 3  # per target: 3 cells -> 3 pairs
+    # per target: 3 cells -> 3 pairs; per source (none, base, SFT... as the units hold): 2 targets -> 1 pair
+    sources = {u[1] for u in results}
+    assert len(tests) == 2 * 3 + len(sources) and (tests.comparison == "same source").sum() == len(sources)
+    cells = {u[:2]: H.classify([r["completion"] for r in recs], "paper") for u, recs in results.items()}
     for row in tests.itertuples():
-        cells = {u[1]: H.classify([r["completion"] for r in recs], "paper") for u, recs in results.items() if u[0] == row.target}
-        t = H.mcnemar(cells[row.source_a], cells[row.source_b])
+        t = H.mcnemar(cells[(row.target_a, row.source_a)], cells[(row.target_b, row.source_b)])
         assert (row.only_a_refuses, row.only_b_refuses, row.p_value) == (t["b"], t["c"], t["p_value"])
 
 

@@ -61,7 +61,7 @@ def test_selection_rules():
     assert H.select_layer(scores, n_layers=6) == 1  # layer 5 pruned (last 20 %), layer 3 has KL > 0.1
     sweep = pd.DataFrame({"target": ["a"] * 3, "layer": [1, 2, 3], "refusal_rate": [0.3, 0.1, 0.2],
                           "invalid_rate": [0.0, 0.06, 0.0]})
-    assert H.best_layer_paper_rule(sweep) == {"a": 3}
+    assert H.best_layer_paper_rule(sweep) == {"a": 3}  # layer 2 is invalid; 0.2 < 0.3
 
 
 def test_selection_scores_on_tiny(tiny, tiny_model, tmp_path):

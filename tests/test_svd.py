@@ -58,12 +58,11 @@ def test_bootstrap_is_deterministic_for_a_seed_and_matches_direct_svd():
     two = H.bootstrap_ratios(harmful, harmless, n_boot=50, seed=7)
     np.testing.assert_array_equal(one, two)
     assert not np.array_equal(one, H.bootstrap_ratios(harmful, harmless, n_boot=50, seed=8))
-    rng = np.random.default_rng(7)  # the same draws, by direct SVD
-    for b in range(3):
-        idx = rng.integers(0, 20, 20)
+    draws = np.random.default_rng(7).integers(0, 20, size=(50, 20))  # the same draws, by direct SVD
+    for b, idx in enumerate(draws[:3]):
         np.testing.assert_allclose(one[b], H.explained_variance_ratio(harmful[idx], harmless[idx])[:2], atol=1e-9)
     centered = H.bootstrap_ratios(harmful, harmless, n_boot=3, seed=7, centered=True)
-    idx = np.random.default_rng(7).integers(0, 20, 20)
+    idx = np.random.default_rng(7).integers(0, 20, size=(3, 20))[0]
     np.testing.assert_allclose(centered[0], H.explained_variance_ratio(harmful[idx], harmless[idx], centered=True)[:2],
                                atol=1e-9)
 
