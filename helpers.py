@@ -128,6 +128,7 @@ from refusal_lat.report import (  # noqa: F401
     markdown_table,
     mcnemar_findings,
     overlap_words,
+    separation_words,
     saturation_findings,
     selection_findings,
     summary_table,

@@ -125,6 +125,19 @@ def overlap_words(a_lo: float, a_hi: float, b_lo: float, b_hi: float) -> str:
     return "overlaps"
 
 
+CHANCE_BAND = 0.1  # an AUROC within 0.5 +- this (in-sample, no interval) is read as chance
+
+
+def separation_words(auc: float, others: list[float]) -> str:
+    """How well one model's projection separates two classes (AUROC, either sign) against other models'."""
+    strength = abs(auc - 0.5)
+    if strength < CHANCE_BAND:
+        return f"does not separate the classes (AUROC {auc:.2f}, within {CHANCE_BAND} of chance)"
+    if all(strength > abs(o - 0.5) + CHANCE_BAND for o in others):
+        return f"separates the classes (AUROC {auc:.2f}) clearly better than the others"
+    return f"separates the classes (AUROC {auc:.2f}) about as well as the others"
+
+
 def focus_model(roles: list[str]) -> str:
     """The model the paper's claims are about: LAT where the profile has it, else the last role."""
     return "LAT" if "LAT" in roles else roles[-1]

@@ -3,9 +3,11 @@ one profile, without the profile's models: tables to the run folder, figures to 
 Usage: python scripts/llama2_section.py --profile cpu [--run-dir DIR]"""
 import argparse
 import json
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 
 def main():

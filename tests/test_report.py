@@ -69,3 +69,11 @@ def test_progress_text_mode_writes_plain_lines(monkeypatch):
     assert lines[-1].startswith("generate: 100%") and "4/4" in lines[-1]
     monkeypatch.delenv("REFUSAL_LAT_PROGRESS")
     assert not progress_mod.text_mode()
+
+
+def test_separation_words_read_the_auroc():
+    from refusal_lat.report import separation_words
+    assert "does not separate" in separation_words(0.55, [0.5, 0.48])
+    assert "does not separate" in separation_words(0.45, [0.5])  # either sign of the projection
+    assert "clearly better" in separation_words(0.87, [0.49, 0.52])
+    assert "about as well" in separation_words(0.74, [0.70])
