@@ -302,3 +302,25 @@ def attack_success_table(df, judges: Mapping[str, Callable] | None = None):
                              "count": count, "n": n, "rate": count / n, "wilson_low": lo, "wilson_high": hi,
                              "minus_human": count / n - human_rate})
     return pd.DataFrame(rows)
+
+
+def paired_model_tests(df, judges: Mapping[str, Callable] | None = None,
+                       pairs=(("lat", "at"), ("lat", "baseline"), ("at", "baseline"))):
+    """Does one model resist its own direction's ablation better than another? Per rater (human and each
+    judge): attack-success rates of two ablated variants on the same instructions and an exact McNemar
+    test of the paired labels, with Holm's adjustment over the pairs of that rater."""
+    import pandas as pd
+    from .stats import holm, mcnemar
+    df = df[df["variant"].isin({v for pair in pairs for v in pair})].reset_index(drop=True)
+    cols = {"human": df["human"].to_numpy(bool), **_judge_columns(df, judges)}
+    rows = []
+    for name, success in cols.items():
+        wide = pd.DataFrame({"key": list(zip(df["dataset"], df["instruction"])), "variant": df["variant"],
+                             "success": success}).pivot_table(index="key", columns="variant", values="success",
+                                                              aggfunc="first").dropna()
+        tests = [(a, b, mcnemar(wide[a].astype(int).tolist(), wide[b].astype(int).tolist())) for a, b in pairs]
+        for (a, b, t), p_holm in zip(tests, holm([t["p_value"] for _, _, t in tests])):
+            rows.append({"rater": name, "a": VARIANT_MODEL.get(a, a), "b": VARIANT_MODEL.get(b, b), "n": len(wide),
+                         "success_a": wide[a].mean(), "success_b": wide[b].mean(), "only_a": t["b"], "only_b": t["c"],
+                         "p_value": t["p_value"], "p_holm": p_holm})
+    return pd.DataFrame(rows)

@@ -268,3 +268,20 @@ def test_only_lat_has_massive_activation_rows():
     for model in ("base", "AT", "LAT"):
         n = int(R.massive_activation_pairs(*R.load_released_activations(model, 20)).sum())
         assert (n > 0) == (model == "LAT")
+
+
+def test_paired_model_tests_on_crafted_labels():
+    import pandas as pd
+    rows = []
+    for i in range(10):  # lat succeeds on 2 of 10, at on 7: 5 discordant pairs all one way, 0 the other
+        for variant, success in (("lat", i < 2), ("at", i < 7), ("baseline", i < 7)):
+            rows.append({"dataset": "d", "instruction": f"q{i}", "variant": variant, "human": success,
+                         "regex": success, "llamaguard2": success, "completion": "x"})
+    out = R.paired_model_tests(pd.DataFrame(rows)).set_index(["rater", "a", "b"])
+    lat_at = out.loc[("human", "LAT", "AT")]
+    assert (lat_at.n, lat_at.only_a, lat_at.only_b) == (10, 0, 5)
+    assert abs(lat_at.success_a - 0.2) < 1e-12 and abs(lat_at.success_b - 0.7) < 1e-12
+    assert abs(lat_at.p_value - 2 / 2**5) < 1e-12  # exact McNemar, 5 discordant pairs all one way
+    at_base = out.loc[("human", "AT", "base")]
+    assert at_base.p_value == 1.0 and at_base.p_holm == 1.0
+    assert abs(lat_at.p_holm - 3 * 2 / 2**5) < 1e-12  # tied smallest of 3 (with LAT-base): x3, the running max keeps it
