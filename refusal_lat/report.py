@@ -184,20 +184,24 @@ def svd_findings(summary: "pd.DataFrame", layer: int) -> str:
 
 
 def mcnemar_findings(tests: "pd.DataFrame", alpha: float = 0.05) -> str:
-    """Notebook 03's paired tests in words: which cells differ from the no-ablation cell of their target and
-    from each other at `alpha` (exact McNemar, uncorrected for the number of tests)."""
+    """Notebook 03's paired tests in words (stats.mcnemar_table): which cells differ from their target's
+    no-ablation cell, from each other, and across models under the same direction, at `alpha` after Holm's
+    adjustment over the whole table."""
     if tests.empty:
-        return "No two cells share a target, so there is nothing to test."
-    lines = [f"Exact McNemar tests, p < {alpha:g}, uncorrected for the {len(tests)} tests:"]
-    vs_none = tests[(tests.source_a == NO_ABLATION) | (tests.source_b == NO_ABLATION)]
-    between = tests.drop(vs_none.index)
-    for title, part in (("against no ablation", vs_none), ("between directions", between)):
+        return "No two cells share prompts, so there is nothing to test."
+    lines = [f"Exact McNemar tests, Holm-adjusted p < {alpha:g} over all {len(tests)} tests of the table:"]
+    same_target = tests[tests.comparison == "same target"]
+    vs_none = same_target[(same_target.source_a == NO_ABLATION) | (same_target.source_b == NO_ABLATION)]
+    parts = (("against no ablation", vs_none), ("between directions on one model", same_target.drop(vs_none.index)),
+             ("between models under the same direction", tests[tests.comparison == "same source"]))
+    for title, part in parts:
         if part.empty:
             continue
-        sig = part[part.p_value < alpha]
-        named = [f"{r.target}: {r.source_a} vs {r.source_b} (p = {r.p_value:.2g}; only {r.source_a} refuses "
-                 f"{r.only_a_refuses}, only {r.source_b} refuses {r.only_b_refuses})" for r in sig.itertuples()]
-        lines.append(f"- {title}: {len(sig)} of {len(part)} differ" + (": " + "; ".join(named) if named else "") + ".")
+        sig = part[part.p_holm < alpha]
+        named = [f"{r.target_a}←{r.source_a} vs {r.target_b}←{r.source_b} (Holm p = {r.p_holm:.2g}; only the first "
+                 f"refuses {r.only_a_refuses}, only the second {r.only_b_refuses})" for r in sig.itertuples()]
+        shown = named[:6] + ([f"{len(named) - 6} more"] if len(named) > 6 else [])
+        lines.append(f"- {title}: {len(sig)} of {len(part)} differ" + (": " + "; ".join(shown) if shown else "") + ".")
     return "\n".join(lines)
 
 

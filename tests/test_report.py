@@ -29,13 +29,16 @@ def test_svd_findings_words_follow_the_intervals():
 
 
 def test_mcnemar_findings_names_only_significant_cells():
-    tests = pd.DataFrame([{"target": "LAT", "source_a": "none", "source_b": "LAT", "only_a_refuses": 9,
-                           "only_b_refuses": 0, "p_value": 0.004},
-                          {"target": "LAT", "source_a": "base", "source_b": "LAT", "only_a_refuses": 1,
-                           "only_b_refuses": 1, "p_value": 1.0}])
+    def row(kind, ta, sa, tb, sb, a, b, p, p_holm):
+        return {"comparison": kind, "target_a": ta, "source_a": sa, "target_b": tb, "source_b": sb,
+                "only_a_refuses": a, "only_b_refuses": b, "p_value": p, "p_holm": p_holm}
+    tests = pd.DataFrame([row("same target", "LAT", "none", "LAT", "LAT", 9, 0, 0.004, 0.012),
+                          row("same target", "LAT", "base", "LAT", "LAT", 1, 1, 1.0, 1.0),
+                          row("same source", "base", "base", "LAT", "base", 0, 6, 0.03, 0.06)])
     words = R.mcnemar_findings(tests)
-    assert "against no ablation: 1 of 1 differ: LAT: none vs LAT" in words
-    assert "between directions: 0 of 1 differ." in words
+    assert "against no ablation: 1 of 1 differ: LAT←none vs LAT←LAT (Holm p = 0.012" in words
+    assert "between directions on one model: 0 of 1 differ." in words
+    assert "between models under the same direction: 0 of 1 differ." in words  # raw p 0.03, Holm 0.06
 
 
 def test_saturation_and_selection_findings():
