@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .config import Profile
 from .reference import PAPER_SVD, PAPER_SWEEP_BEST, PAPER_TABLE1
-from .selection import NO_BEST_LAYER
+from .selection import MAX_INVALID, NO_BEST_LAYER
 from .units import NO_ABLATION
 
 
@@ -230,7 +230,10 @@ def selection_findings(sweep: "pd.DataFrame", best_by_sweep: dict, best_by_selec
         pick = None if pick is None or pick != pick else int(pick)
         other = None if other is None or other != other else int(other)
         if pick is None:
-            line = f"- {role}: the paper rule picks no layer (every sweep layer has ≥ 5 % invalid answers)"
+            eligible = part[part.invalid_rate < MAX_INVALID]
+            why = (f"every sweep layer has ≥ {percent(MAX_INVALID)} invalid answers" if eligible.empty else
+                   f"no layer with < {percent(MAX_INVALID)} invalid answers lowers refusal below 100 %")
+            line = f"- {role}: the paper rule picks no layer ({why})"
         else:
             at = part[part.layer == pick].refusal_rate.iloc[0]
             line = f"- {role}: the paper rule picks layer {pick} (refusal {percent(at)})"

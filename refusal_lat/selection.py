@@ -42,7 +42,7 @@ def best_layer_paper_rule(sweep: "pd.DataFrame", max_invalid: float = MAX_INVALI
     return out
 
 
-NO_BEST_LAYER = "none (no layer lowers refusal)"
+NO_BEST_LAYER = "none (no layer with < 5 % invalid answers lowers refusal below 100 %)"
 
 
 @torch.no_grad()

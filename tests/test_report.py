@@ -52,6 +52,10 @@ def test_saturation_and_selection_findings():
     words = R.selection_findings(sweep, {"AT": 1, "base": 2}, {"AT": None, "base": 3}, checks)
     assert "AT: the paper rule picks layer 1" in words and "degenerate" in words.split("\n")[0]
     assert "degenerate" not in words.split("\n")[1] and "over-refusal +20.0 pp" in words
+    sweep["invalid_rate"] = [0.0, 0.0, 0.0, 0.1, 0.2, 0.06]  # AT: eligible but never below 100 %; base: all invalid
+    words = R.selection_findings(sweep, {"AT": None, "base": None}, {}, checks.iloc[:0])
+    assert "AT: the paper rule picks no layer (no layer with < 5.0 % invalid answers lowers refusal below 100 %)" in words
+    assert "base: the paper rule picks no layer (every sweep layer has ≥ 5.0 % invalid answers)" in words
 
 
 def test_summary_and_tables_carry_the_paper_column_on_every_profile():
