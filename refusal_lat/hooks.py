@@ -73,22 +73,34 @@ def _project_out(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return x - (x @ r).unsqueeze(-1) * r
 
 
+def _orthonormal_rows(model, basis: torch.Tensor) -> torch.Tensor:
+    """Gram-Schmidt (twice, float64) on the rows of a [k, d] basis; row 1 is exactly _unit_direction of
+    basis[0], so a one-row basis ablates exactly what ablation(model, basis[0]) does."""
+    if basis.ndim != 2 or len(basis) == 0:
+        raise ConfigError(f"basis has shape {tuple(basis.shape)}; pass a [k, d] matrix of k >= 1 directions")
+    rows = _unit_direction(model, basis)
+    if not (rows.norm(dim=-1) > 0).all():
+        raise ConfigError("basis has a zero row; pass k nonzero directions")
+    out = [rows[0]]
+    for v in rows[1:]:
+        for _ in range(2):
+            v = v - sum((v @ q) * q for q in out)
+        if v.norm() < 1e-8:
+            raise ConfigError("basis rows are linearly dependent; pass k independent directions")
+        out.append(v / v.norm())
+    return torch.stack(out)
+
+
 @contextmanager
-def ablation(model, direction: torch.Tensor | None):
-    """Project `direction` out of the residual stream everywhere while the block runs.
-    None means no intervention (so callers can treat the no-ablation baseline uniformly); a
-    [rows, d] matrix ablates one direction per batch row (zero rows: no intervention)."""
-    if direction is None:
-        yield
-        return
-    unit = _unit_direction(model, direction)
-    casts = {}  # one copy of r per (device, dtype): no host-to-device copy inside the hooks
+def _projection_hooks(model, unit: torch.Tensor, project_out):
+    """project_out(x, unit cast to x) on every block input and every attention and MLP output."""
+    casts = {}  # one copy of the unit vectors per (device, dtype): no host-to-device copy inside the hooks
 
     def project(x):
         key = (x.device, x.dtype)
         if key not in casts:
             casts[key] = unit.to(device=x.device, dtype=x.dtype)
-        return _project_out(x, casts[key])
+        return project_out(x, casts[key])
 
     def out_hook(module, args, output):
         if isinstance(output, tuple):
@@ -105,6 +117,35 @@ def ablation(model, direction: torch.Tensor | None):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def ablation(model, direction: torch.Tensor | None):
+    """Project `direction` out of the residual stream everywhere while the block runs.
+    None means no intervention (so callers can treat the no-ablation baseline uniformly); a
+    [rows, d] matrix ablates one direction per batch row (zero rows: no intervention)."""
+    if direction is None:
+        yield
+        return
+    with _projection_hooks(model, _unit_direction(model, direction), _project_out):
+        yield
+
+
+def _project_out_rows(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    for q in basis:  # orthonormal rows: successive projections remove the whole span
+        x = _project_out(x, q)
+    return x
+
+
+@contextmanager
+def subspace_ablation(model, basis: torch.Tensor | None):
+    """Project the span of the rows of a [k, d] `basis` (the same subspace for every prompt) out of the
+    residual stream everywhere, as ablation does for one direction; None: no intervention."""
+    if basis is None:
+        yield
+        return
+    with _projection_hooks(model, _orthonormal_rows(model, basis), _project_out_rows):
+        yield
 
 
 @torch.no_grad()

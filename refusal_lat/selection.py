@@ -11,7 +11,7 @@ import torch
 from .activations import activation_metadata, mean_difference
 from .config import Profile
 from .directions import refusal_directions
-from .hooks import ablation, activation_addition
+from .hooks import ablation, activation_addition, subspace_ablation
 from .judges import classify, judge_inputs
 from .models.load import model_fingerprint
 from .models import pool
@@ -70,6 +70,41 @@ def refusal_score(logprobs: torch.Tensor, token_ids: list[int]) -> np.ndarray:
     """log p_ref - log(1 - p_ref), p_ref = next-token probability mass on the refusal tokens."""
     p = logprobs[:, token_ids].exp().sum(-1).clamp(1e-12, 1 - 1e-12)
     return (p.log() - (1 - p).log()).numpy()
+
+
+def subspace_refusal_log_odds(model, tokenizer, profile: Profile, prompts: list[str],
+                              basis: torch.Tensor | None) -> np.ndarray:
+    """Per-prompt first-token refusal log-odds (refusal_score) with the span of the [k, d] `basis`
+    projected out of the residual stream everywhere (hooks.subspace_ablation); None: no ablation."""
+    with subspace_ablation(model, basis):
+        logprobs = last_token_logprobs(model, tokenizer, profile, prompts)
+    return refusal_score(logprobs, refusal_token_ids(tokenizer, profile))
+
+
+def component_bases(harmful, harmless) -> dict:
+    """The subspaces second_component_ablation compares, from index-paired [n, d] activations at one
+    layer: the mean difference, the top-1 and the top-2 right singular vectors of the uncentered
+    difference matrix D = harmful - harmless (svd.py's SVD), each as a [k, d] float32 tensor."""
+    from scipy.linalg import svd as scipy_svd
+    from .svd import paired_differences
+    d = paired_differences(harmful, harmless)
+    vt = scipy_svd(d, full_matrices=False)[2]
+    if len(vt) < 2:
+        raise ValueError("component_bases needs at least 2 pairs and 2 dimensions")
+    as_tensor = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
+    return {"mean_diff": as_tensor(d.mean(0)[None]), "top1": as_tensor(vt[:1]), "top2": as_tensor(vt[:2])}
+
+
+def second_component_ablation(model, tokenizer, profile: Profile, prompts: list[str], bases: dict) -> "pd.DataFrame":
+    """Does the 2nd singular vector carry refusal? One row per prompt: refusal log-odds without ablation
+    ("none") and with each of `bases` (e.g. component_bases) ablated; a forward pass per basis, no
+    generation. top2 well below top1 means the second component carries refusal the first does not."""
+    import pandas as pd
+    table = {"prompt": list(range(len(prompts))),
+             "none": subspace_refusal_log_odds(model, tokenizer, profile, prompts, None)}
+    for name, basis in bases.items():
+        table[name] = subspace_refusal_log_odds(model, tokenizer, profile, prompts, basis)
+    return pd.DataFrame(table)
 
 
 def kl_divergence(base_logprobs: torch.Tensor, other_logprobs: torch.Tensor) -> np.ndarray:

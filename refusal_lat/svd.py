@@ -142,7 +142,8 @@ def mean_difference_norms(acts_by_role: dict) -> "pd.DataFrame":
 def svd_summary(acts_by_role: dict, layer: int, n_boot: int = 1000, seed: int = 0,
                 nulls: dict | None = None) -> "pd.DataFrame":
     """One row per model at `layer`: the paper's two ratios with basic bootstrap 95 % intervals (see
-    `intervals`), the centered ratios, the random re-pairing null (pass repairing_nulls' result to reuse
+    `intervals`; first_two also BCa in first_two_bca_low/high, see bca_interval), the centered ratios,
+    the random re-pairing null (pass repairing_nulls' result to reuse
     it; not evidence about structure: the paper's pairing is itself arbitrary, see repairing_null), and
     the norm of the mean difference."""
     import pandas as pd
@@ -159,6 +160,12 @@ def svd_summary(acts_by_role: dict, layer: int, n_boot: int = 1000, seed: int = 
         for name, values in (("comp1", boot[:, 0]), ("comp2", boot[:, 1]), ("first_two", boot.sum(1))):
             ci = intervals(row[name], values)
             row[f"{name}_low"], row[f"{name}_high"] = float(ci["basic_lo"]), float(ci["basic_hi"])
+        d = paired_differences(h, hl)
+        try:  # undefined when every replicate lies on one side of the estimate (or < 3 pairs): NaN
+            row["first_two_bca_low"], row["first_two_bca_high"] = bca_interval(
+                row["first_two"], boot.sum(1), jackknife_gram_ratios(d @ d.T, 2).sum(1))
+        except ValueError:
+            row["first_two_bca_low"] = row["first_two_bca_high"] = float("nan")
         row.update({"comp1_centered": centered[0], "comp2_centered": centered[1],
                     "null_comp1_mean": null[:, 0].mean(), "null_comp2_mean": null[:, 1].mean(),
                     "null_comp2_p": (1 + (null[:, 1] >= plain[1]).sum()) / (1 + len(null)),
@@ -203,6 +210,41 @@ def intervals(point, boot, level: float = 0.95) -> dict:
     point = np.asarray(point, np.float64)
     q_lo, q_hi = np.quantile(np.asarray(boot, np.float64), [(1 - level) / 2, (1 + level) / 2], axis=0)
     return {"pct_lo": q_lo, "pct_hi": q_hi, "basic_lo": 2 * point - q_hi, "basic_hi": 2 * point - q_lo}
+
+
+def bca_interval(point, boot, jack, level: float = 0.95) -> tuple[float, float]:
+    """Bias-corrected and accelerated (BCa) bootstrap interval of a scalar estimate `point` from its
+    bootstrap replicates `boot` [n_boot] and its jackknife (leave-one-out) estimates `jack` [n]
+    (Efron & Tibshirani 1993, 14.3): z0 = Phi^-1(share of replicates below the estimate, ties half),
+    acceleration a = sum (m - jack)^3 / (6 (sum (m - jack)^2)^1.5), m = mean(jack); the interval is
+    the bootstrap quantiles at Phi(z0 + (z0 + z) / (1 - a (z0 + z))) for z = Phi^-1 of each tail."""
+    from scipy.special import ndtr, ndtri
+    boot, jack = np.asarray(boot, np.float64).ravel(), np.asarray(jack, np.float64).ravel()
+    if len(boot) < 2 or len(jack) < 2:
+        raise ValueError(f"bca_interval needs >= 2 bootstrap and jackknife values; got {len(boot)} and {len(jack)}")
+    z0 = ndtri(((boot < point).sum() + (boot <= point).sum()) / (2 * len(boot)))
+    if not np.isfinite(z0):  # every replicate on one side of the estimate
+        raise ValueError("bca_interval: all bootstrap replicates lie on one side of the estimate; "
+                         "use the percentile or basic interval (svd.intervals)")
+    dev = jack.mean() - jack
+    spread = (dev ** 2).sum()
+    accel = (dev ** 3).sum() / (6 * spread ** 1.5) if spread > 0 else 0.0
+    z = ndtri(np.array([(1 - level) / 2, (1 + level) / 2]))
+    alpha = ndtr(z0 + (z0 + z) / (1 - accel * (z0 + z)))
+    lo, hi = np.quantile(boot, alpha)
+    return float(lo), float(hi)
+
+
+def jackknife_gram_ratios(gram: np.ndarray, k: int = 2, centered: bool = False) -> np.ndarray:
+    """[n, k] leave-one-pair-out ratios: gram_ratios of the Gram matrix without row and column i
+    (the jackknife of the variance shares over pairs, for bca_interval's acceleration)."""
+    gram = np.asarray(gram, np.float64)
+    n = len(gram)
+    if n < 3:
+        raise ValueError(f"the jackknife over pairs needs at least 3 pairs; got {n}")
+    keep = ~np.eye(n, dtype=bool)
+    idx = np.stack([np.arange(n)[keep[i]] for i in range(n)])  # [n, n - 1]: every pair but i
+    return bootstrap_gram_ratios(gram, idx, k, centered)
 
 
 DEFAULT_PAIRS = (("LAT", "base"), ("LAT", "AT"), ("AT", "base"))
