@@ -41,7 +41,7 @@ class Profile:
     name: str
     models: dict                   # role -> ModelSpec; the first role is the base model
     dtype: str                     # float32 | float16 | bfloat16
-    quantization: str              # none | nf4 (CUDA + bitsandbytes only)
+    quantization: str              # none | nf4 (bitsandbytes; CUDA or CPU)
     template: str                  # "chat" (tokenizer's chat template) or a format string with {prompt}
     read_position: int             # token index read from each prompt (-1 = last)
     layer: int                     # block index whose input (resid_pre) the paper-style analyses use

@@ -1,4 +1,5 @@
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -41,10 +42,10 @@ def test_unknown_model_role():
         H.model_role_spec(H.load_profile("tiny"), "AT")
 
 
-def test_nf4_without_cuda_says_what_to_do(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+def test_nf4_without_bitsandbytes_says_what_to_do(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     profile = H.load_profile("tiny", {"quantization": "nf4"})
-    with pytest.raises(H.ConfigError, match="needs CUDA.*'quantization': 'none'"):
+    with pytest.raises(H.ConfigError, match="needs bitsandbytes.*'quantization': 'none'"):
         H.load_model(profile, "base")
 
 

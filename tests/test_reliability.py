@@ -63,14 +63,17 @@ def test_papermill_parameters_of_the_wrong_type(tmp_path):
     assert "unknown profile 3" in one_line(e)
 
 
-def test_cuda_or_4bit_without_cuda(monkeypatch):
+def test_cuda_without_cuda_and_4bit_without_bitsandbytes(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(H.ConfigError) as e:
         H.load_model(H.load_profile("tiny", {"device": "cuda"}), "base")
     assert "asks for device cuda but torch sees no CUDA GPU" in one_line(e)
+    model, _ = H.load_model(H.load_profile("tiny", {"quantization": "nf4"}), "base")  # NF4 runs on the CPU
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
     with pytest.raises(H.ConfigError) as e:
         H.load_model(H.load_profile("tiny", {"quantization": "nf4"}), "base")
-    assert "needs CUDA and bitsandbytes" in one_line(e)
+    assert "needs bitsandbytes; pip install -r requirements.txt" in one_line(e)
 
 
 # --- inputs --------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""Loading a role's model and tokenizer. paper: hub + PEFT adapter merged, NF4 on CUDA; cpu: PyPI
+"""Loading a role's model and tokenizer. paper: hub + PEFT adapter merged, NF4 (CUDA or CPU); cpu: PyPI
 GGUF parts converted once to safetensors (models/gguf.py); tiny: a random Llama and a byte-level
 tokenizer built in-process."""
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 
 import torch
@@ -78,18 +79,19 @@ def load_model(profile: Profile, role: str):
     tokenizer = load_tokenizer(profile, role)
     kwargs = {"dtype": dtype}
     cuda = use_cuda(profile)
-    if profile.quantization == "nf4":
-        if not cuda:
-            raise ConfigError(f"profile '{profile.name}' asks for NF4 4-bit, which needs CUDA and bitsandbytes; "
-                              f"on this machine pass overrides={{'quantization': 'none', 'dtype': 'bfloat16'}}")
-        from transformers import BitsAndBytesConfig
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float16)
+    quantized = profile.quantization == "nf4"
+    if quantized:
+        kwargs["quantization_config"] = nf4_config(profile)
     if cuda:
         kwargs["device_map"] = "auto"  # spreads a model larger than one GPU over several
+    elif quantized:
+        kwargs["device_map"] = {"": "cpu"}  # bitsandbytes quantises while loading, onto this device
     if spec.source == "tiny":
         model = tiny_model(spec.config, len(tokenizer)).to(dtype)
+        if quantized:  # quantised as any checkpoint is: saved, then loaded with the config
+            with tempfile.TemporaryDirectory() as folder:
+                model.save_pretrained(folder)
+                model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     elif spec.source == "pypi_gguf":
         model = AutoModelForCausalLM.from_pretrained(converted_gguf_folder(spec), **kwargs)
     else:
@@ -97,9 +99,38 @@ def load_model(profile: Profile, role: str):
     if spec.adapter:
         model = merge_adapter(model, adapter_location(spec), spec.adapter_revision)
     if not cuda:
-        model = model.to("cpu")
+        if quantized:
+            fit_cpu_4bit_kernels(model)
+        else:
+            model = model.to("cpu")
     model.eval().requires_grad_(False)
     return model, tokenizer
+
+
+def nf4_config(profile: Profile):
+    """The paper's 4-bit setup: NF4, double quantisation, compute in the profile's dtype (float16 for the
+    paper). bitsandbytes (requirements.txt) runs it on CUDA and on the CPU,
+    float16 compute included (slower there than on a GPU, same quantised weights)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"profile '{profile.name}' asks for NF4 4-bit, which needs bitsandbytes; pip install "
+                          f"-r requirements.txt, or pass overrides={{'quantization': 'none'}}") from None
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=DTYPES[profile.dtype])
+
+
+def fit_cpu_4bit_kernels(model):
+    """bitsandbytes' fast CPU kernel (CPUs with AVX512-BF16) repacks each 4-bit weight on its first call
+    and needs in_features divisible by the quantisation block (64) and out_features by 32; layers that
+    do not fit (the tiny model's width 32) keep the plain dequantise-and-matmul path, same numbers."""
+    from bitsandbytes.nn import Linear4bit
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            block = module.weight.quant_state.blocksize if module.weight.quant_state is not None else 64
+            if module.in_features % block or module.out_features % 32:
+                module.support_avx512bf16_for_cpu = False
 
 
 def adapter_location(spec: ModelSpec) -> str:
