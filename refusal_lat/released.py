@@ -76,11 +76,6 @@ def load_released_activations(model: str, layer: int, data_dir=None):
 # ----------------------------------------------------------------------------------------------
 # 2. SVD of the paired differences D = harmful_i - harmless_i (uncentered, as in the paper)
 
-def difference_matrix(harmful, harmless) -> np.ndarray:
-    """D[i] = harmful[i] - harmless[i] as float64 numpy [n, d] (svd.paired_differences)."""
-    return paired_differences(harmful, harmless)
-
-
 MASSIVE_DIM = 2533  # a Llama-2-7b "massive activation" channel (|x| ~ 40 where typical |x| < 2)
 
 
@@ -111,7 +106,7 @@ def drop_pairs(diffs: Mapping, flagged: Mapping[int, np.ndarray]) -> dict:
 
 
 def frobenius_norm(d: np.ndarray) -> float:
-    return float(np.sqrt(np.sum(np.asarray(d, np.float64) ** 2)))
+    return float(np.linalg.norm(np.asarray(d, np.float64)))
 
 
 def bootstrap_replicates(diffs: Mapping, n_boot: int = 1000, seed: int = 0, k: int = N_COMPONENTS,
@@ -128,7 +123,7 @@ def released_differences(models: Sequence[str] = tuple(MODELS), layers: Sequence
     out = {}
     for model in models:
         for layer in layers:
-            out[(model, layer)] = difference_matrix(*load_released_activations(model, layer, data_dir))
+            out[(model, layer)] = paired_differences(*load_released_activations(model, layer, data_dir))
     return out
 
 

@@ -233,14 +233,12 @@ def log_odds_matrix(results: dict, n_boot: int = 1000, seed: int = 0, level: flo
     idx = bootstrap_indices(len(prompts), n_boot, seed)
     rows = []
     for (target, source), x in scores.items():
-        row = {"target": target, "source": source, "n": len(x), "mean_log_odds": x.mean()}
-        for name, ref in (("vs_none", (target, NO_ABLATION)), ("vs_self", (target, target)), (None, None)):
-            y = x - scores[ref] if name else x
-            if name and ref not in scores:
+        row = {"target": target, "source": source, "n": len(x)}
+        for col, ref in (("mean_log_odds", None), ("diff_vs_none", (target, NO_ABLATION)), ("diff_vs_self", (target, target))):
+            if ref is not None and ref not in scores:
                 continue
+            y = x if ref is None else x - scores[ref]
             ci = intervals(y.mean(), y[idx].mean(1), level)
-            col = f"diff_{name}" if name else "mean_log_odds"
-            row[col] = y.mean()
-            row[f"{col}_lo"], row[f"{col}_hi"] = float(ci["basic_lo"]), float(ci["basic_hi"])
+            row[col], row[f"{col}_lo"], row[f"{col}_hi"] = y.mean(), float(ci["basic_lo"]), float(ci["basic_hi"])
         rows.append(row)
     return pd.DataFrame(rows)

@@ -44,11 +44,9 @@ def table(d, title):
     print("| judge | agreement | Cohen's kappa | sensitivity | specificity | TP | FN | FP | TN |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, pred in judges(d).items():
-        sens, spec = S.sensitivity_specificity(pred, truth)
-        tp, fn = int((pred & truth).sum()), int((~pred & truth).sum())
-        fp, tn = int((pred & ~truth).sum()), int((~pred & ~truth).sum())
-        print(f"| {name} | {np.mean(pred == truth):.4f} | {S.agreement(pred, truth)['kappa']:.3f} | {sens:.3f} | "
-              f"{spec:.3f} | {tp} | {fn} | {fp} | {tn} |")
+        a = S.agreement(pred, truth)
+        print(f"| {name} | {a['agreement']:.4f} | {a['kappa']:.3f} | {a['sensitivity']:.3f} | {a['specificity']:.3f} | "
+              f"{a['tp']} | {a['fn']} | {a['fp']} | {a['tn']} |")
 
 
 def out_of_fold(dev, c):

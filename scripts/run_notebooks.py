@@ -48,12 +48,14 @@ def main() -> int:
               file=sys.stderr)
         return 2
     if args.only:
-        unknown = [o for o in args.only if not any(o in (nb.name[:2], nb.stem, nb.name) for nb in notebooks)]
+        def chosen(nb, o):  # "01", "01_activations" or "01_activations.ipynb"
+            return o in (nb.name[:2], nb.stem, nb.name)
+        unknown = [o for o in args.only if not any(chosen(nb, o) for nb in notebooks)]
         if unknown:
             print(f"error: --only {' '.join(unknown)} matches no notebook; use two-digit prefixes or names from "
                   f"{[nb.name[:2] for nb in notebooks]} ({', '.join(nb.stem for nb in notebooks)})", file=sys.stderr)
             return 2
-        notebooks = [nb for nb in notebooks if any(o in (nb.name[:2], nb.stem, nb.name) for o in args.only)]
+        notebooks = [nb for nb in notebooks if any(chosen(nb, o) for o in args.only)]
     out_dir = run / "notebooks"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -112,7 +112,7 @@ def test_cuda_saved_tensor_loads_on_cpu():
 def test_frobenius_and_ratios_match_numpy():
     rng = np.random.default_rng(3)
     a, b = rng.normal(size=(20, 50)), rng.normal(size=(20, 50))
-    d = R.difference_matrix(torch.tensor(a), torch.tensor(b))
+    d = R.paired_differences(torch.tensor(a), torch.tensor(b))
     assert R.frobenius_norm(d) == pytest.approx(np.linalg.norm(a - b), abs=1e-12)
     s2 = np.linalg.svd(a - b, compute_uv=False) ** 2
     np.testing.assert_allclose(R.variance_ratios(d, 10), (s2 / s2.sum())[:10], atol=1e-12)
