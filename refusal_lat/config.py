@@ -60,6 +60,8 @@ class Profile:
     device: str = "auto"           # auto (CUDA when present) | cpu | cuda
     training: dict = field(default_factory=dict)  # notebook 00's recipe (refusal_lat.training.Recipe keys)
     train_threads: int = 0         # torch CPU threads while training adapters (0 = torch's default)
+    threads: int = 0               # torch CPU threads from the first model load on (0 = torch's default);
+                                   # float32 on >1 thread can differ by 1 ulp between runs on a loaded machine
     judge_text: str = "turn"       # what the judges read: "turn" (text before the first end-of-turn token)
                                    # or "full" (everything generated, as the authors judged it)
 
@@ -119,7 +121,8 @@ def parse_overrides(overrides) -> dict:
 # int fields: (lowest, highest) allowed; None = no bound
 RANGES = {"read_position": (-64, -1), "layer": (0, None), "n_direction": (2, 100), "n_eval": (1, 520),
           "batch_size": (1, None), "max_new_tokens": (1, None), "n_bootstrap": (1, None), "seed": (0, None),
-          "n_sweep": (1, 520), "n_val": (1, None), "n_harmless_check": (1, None), "train_threads": (0, None)}
+          "n_sweep": (1, 520), "n_val": (1, None), "n_harmless_check": (1, None), "train_threads": (0, None),
+          "threads": (0, None)}
 RANGE_NOTES = {"read_position": " (counted from the end of the prompt, -1 = last token: prompts are left padded, "
                                 "so a position >= 0 would read padding)"}
 

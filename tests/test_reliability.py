@@ -243,3 +243,16 @@ def test_two_cpu_runs_of_notebooks_01_to_03_give_byte_identical_csvs(tmp_path):
     two = _series("cpu", tmp_path / "b", ("01", "02", "03"))
     assert one.keys() == two.keys() and len(one) > 5
     assert [k for k in one if one[k] != two[k]] == []
+
+
+def test_profile_threads_set_torch_threads_at_model_load():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        H.load_model(H.load_profile("tiny"), "base")
+        assert torch.get_num_threads() == 1  # configs/tiny.yaml: threads 1 (byte-identical reruns)
+        torch.set_num_threads(2)
+        H.load_model(H.load_profile("tiny", {"threads": 0}), "base")
+        assert torch.get_num_threads() == 2  # 0 leaves torch's setting alone
+    finally:
+        torch.set_num_threads(before)

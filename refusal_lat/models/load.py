@@ -75,6 +75,8 @@ def load_model(profile: Profile, role: str):
     """(model, tokenizer) for one role, in eval mode with gradients off. Adapters are merged."""
     from transformers import AutoModelForCausalLM
     spec = model_role_spec(profile, role)
+    if profile.threads:
+        torch.set_num_threads(profile.threads)
     dtype = DTYPES[profile.dtype]
     tokenizer = load_tokenizer(profile, role)
     kwargs = {"dtype": dtype}
