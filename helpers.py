@@ -21,6 +21,7 @@ from refusal_lat.data import (  # noqa: F401
     PromptSets,
     data_file,
     data_search_dirs,
+    eval_pool,
     evenly_spaced,
     paper_splits,
     prompt_sets,
@@ -104,6 +105,7 @@ from refusal_lat.stats import (  # noqa: F401
     rate_summary,
     rogan_gladen,
     score_units,
+    sign_flip_p,
     wilson,
 )
 from refusal_lat.selection import (  # noqa: F401
@@ -119,6 +121,7 @@ from refusal_lat.selection import (  # noqa: F401
     selection_scores,
     selection_table,
 )
+from refusal_lat.scores import refusal_score_matrix, score_path  # noqa: F401
 from refusal_lat import released  # noqa: F401  (the authors' released Llama-2 files: H.released.*)
 from refusal_lat.reference import AUTHORS_FROBENIUS, PAPER_SVD, PAPER_SWEEP_BEST, PAPER_SWEEP_REFUSAL, PAPER_TABLE1  # noqa: F401
 from refusal_lat.report import (  # noqa: F401
@@ -130,6 +133,7 @@ from refusal_lat.report import (  # noqa: F401
     overlap_words,
     separation_words,
     saturation_findings,
+    score_matrix_findings,
     selection_findings,
     summary_table,
     svd_beside_paper,

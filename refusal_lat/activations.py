@@ -13,7 +13,7 @@ from .data import PromptSets, require_prompts
 from .hooks import capture_block_inputs
 from .models.load import model_fingerprint
 from .models import pool
-from .prefix import forward_after_prefix, prefill_shared_prefix
+from .prefix import forward_after_prefix, prefill_shared_prefix, trunk
 from .progress import progress
 from .prompts import context_length, read_tokens, tokenize
 from .store import VERSIONS, cached, encode_tensors, read_tensors, stable_hash
@@ -24,15 +24,15 @@ def trunk_forward(model, input_ids, attention_mask, position: int, capture: bool
     """One forward pass of the decoder trunk (no lm_head) over a left-padded batch, the prompts' common
     start computed once (prefill_shared_prefix keeps `position` in the rest). Hook-free unless capture:
     then it returns the [rows, n_layers, d] float32 input of every block at `position`."""
-    trunk = model.get_decoder() if hasattr(model, "get_decoder") else model  # the lm_head is not needed
+    stack = trunk(model)  # the lm_head is not needed
     ids, mask, cache = input_ids, attention_mask, None
     if position < 0:  # the common start of the prompts once, outside the capture
         ids, mask, cache = prefill_shared_prefix(model, ids, mask, keep=-position)
     if not capture:
-        forward_after_prefix(trunk, ids, mask, cache)
+        forward_after_prefix(stack, ids, mask, cache)
         return None
     with capture_block_inputs(model, position) as captured:
-        forward_after_prefix(trunk, ids, mask, cache)
+        forward_after_prefix(stack, ids, mask, cache)
     return torch.stack([layer[0] for layer in captured], dim=1)
 
 

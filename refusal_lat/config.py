@@ -53,6 +53,7 @@ class Profile:
     n_bootstrap: int = 1000        # resamples for bootstrap intervals and permutation nulls
     seed: int = 0
     sweep_layers: list = field(default_factory=list)  # notebook 04's layer sweep ([] = every block)
+    n_score: int = 520             # eval prompts of the refusal-score transfer matrix (forward passes only)
     n_sweep: int = 520             # eval prompts per sweep unit (evenly spaced subset)
     n_val: int = 32                # validation prompts per class for automatic direction selection
     refusal_tokens: list = field(default_factory=lambda: ["I"])  # first tokens of a refusal (logit score)
@@ -60,6 +61,8 @@ class Profile:
     device: str = "auto"           # auto (CUDA when present) | cpu | cuda
     training: dict = field(default_factory=dict)  # notebook 00's recipe (refusal_lat.training.Recipe keys)
     train_threads: int = 0         # torch CPU threads while training adapters (0 = torch's default)
+    generation_dtype: str = ""     # weights' dtype while generating and scoring refusal (units, refusal-score
+                                   # matrix); "" = dtype. Activations, directions and the SVD keep dtype
     threads: int = 0               # torch CPU threads from the first model load on (0 = torch's default);
                                    # float32 on >1 thread can differ by 1 ulp between runs on a loaded machine
     judge_text: str = "turn"       # what the judges read: "turn" (text before the first end-of-turn token)
@@ -68,6 +71,11 @@ class Profile:
     @property
     def roles(self) -> list[str]:
         return list(self.models)
+
+    @property
+    def gen_dtype(self) -> str:
+        """The dtype generation and refusal scoring run in: generation_dtype, else dtype."""
+        return self.generation_dtype or self.dtype
 
 
 SOURCES = ("hub", "pypi_gguf", "tiny")
@@ -121,7 +129,7 @@ def parse_overrides(overrides) -> dict:
 # int fields: (lowest, highest) allowed; None = no bound
 RANGES = {"read_position": (-64, -1), "layer": (0, None), "n_direction": (2, 100), "n_eval": (1, 520),
           "batch_size": (1, None), "max_new_tokens": (1, None), "n_bootstrap": (1, None), "seed": (0, None),
-          "n_sweep": (1, 520), "n_val": (1, None), "n_harmless_check": (1, None), "train_threads": (0, None),
+          "n_sweep": (1, 520), "n_score": (1, 520), "n_val": (1, None), "n_harmless_check": (1, None), "train_threads": (0, None),
           "threads": (0, None)}
 RANGE_NOTES = {"read_position": " (counted from the end of the prompt, -1 = last token: prompts are left padded, "
                                 "so a position >= 0 would read padding)"}
@@ -175,6 +183,11 @@ def load_profile(name: str = "cpu", overrides: dict | str | None = None) -> Prof
     values["models"] = models
     if values["dtype"] not in DTYPES:
         raise ConfigError(f"profile '{name}': dtype {values['dtype']!r} not in {list(DTYPES)}")
+    if values.get("generation_dtype", "") not in ("", *DTYPES):
+        raise ConfigError(f"profile '{name}': generation_dtype {values['generation_dtype']!r} not in {['', *DTYPES]}")
+    if values.get("generation_dtype", "") not in ("", values["dtype"]) and values["quantization"] != "none":
+        raise ConfigError(f"profile '{name}': generation_dtype needs quantization none (a 4-bit model computes "
+                          f"in its quantization config's dtype); remove generation_dtype or set quantization none")
     if values.get("device", "auto") not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"profile '{name}': device {values['device']!r} not in ['auto', 'cpu', 'cuda']")
     if values.get("judge_text", "turn") not in ("turn", "full"):

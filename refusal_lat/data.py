@@ -223,12 +223,19 @@ def prompt_sets(profile: Profile, data_dir=None) -> PromptSets:
     n = profile.n_direction
     if n > 100:
         raise ConfigError(f"n_direction={n} would overlap the eval set (harmful_train[100:]); use <= 100")
+    prompts, sources = eval_pool(profile.n_eval, data_dir)
+    return PromptSets(harmful=s["harmful_train"][:n], harmless=s["harmless_train"][:n], eval=prompts, eval_source=sources)
+
+
+def eval_pool(n: int = 520, data_dir=None) -> tuple[list[str], list[str]]:
+    """(prompts, sources): n evenly spaced prompts of the paper's 520 harmful eval prompts
+    (harmful_train[100:] + harmful_test + GPT-4o questions) and where each comes from."""
+    s = paper_splits(data_dir)
     pool = s["harmful_train"][100:] + s["harmful_test"] + s["gpt4o"]
     sources = (["advbench_train"] * len(s["harmful_train"][100:]) + ["advbench_test"] * len(s["harmful_test"])
                + ["gpt4o"] * len(s["gpt4o"]))
-    keep = evenly_spaced(len(pool), profile.n_eval)
-    return PromptSets(harmful=s["harmful_train"][:n], harmless=s["harmless_train"][:n],
-                      eval=[pool[i] for i in keep], eval_source=[sources[i] for i in keep])
+    keep = evenly_spaced(len(pool), n)
+    return [pool[i] for i in keep], [sources[i] for i in keep]
 
 
 def truncate(text: str, n: int = 40) -> str:

@@ -14,19 +14,18 @@ import torch
 from .config import ConfigError, Profile
 from .data import require_prompts
 from .hooks import ablation
-from .prefix import prefill_shared_prefix
+from .prefix import last_position_logits, prefill_shared_prefix
 from .progress import progress
 from .prompts import context_length, position_ids, tokenize
 
 
 @dataclass
 class Decoding:
-    """A greedy decode in progress: every token so far, its mask, the KV cache (None: recompute the
-    whole sequence at every step) and the tokens the next forward pass feeds."""
+    """A greedy decode in progress: every token so far, its mask and the KV cache (None: recompute the
+    whole sequence at every step). The next forward pass feeds the tokens the cache does not hold."""
     ids: torch.Tensor
     mask: torch.Tensor
     cache: object
-    pending: torch.Tensor
     use_cache: bool
 
 
@@ -37,26 +36,21 @@ def start_decoding(model, input_ids, attention_mask, use_cache: bool = True,
     ids, mask, cache = input_ids, attention_mask, None
     if use_cache:
         ids, mask, cache = prefill_shared_prefix(model, ids, mask, direction=direction)
-    pending = ids if cache is None else ids[:, cache.get_seq_length():]
-    return Decoding(ids, mask, cache, pending, use_cache)
+    return Decoding(ids, mask, cache, use_cache)
 
 
 @torch.no_grad()
 def decode_step(model, state: Decoding) -> torch.Tensor:
-    """One forward pass over the pending tokens: [rows, vocab] logits of the next token. The lm_head
-    runs on the last position only. Hooks active around the call apply."""
-    positions = position_ids(state.mask)[:, -state.pending.shape[1]:]
-    out = model(input_ids=state.pending, attention_mask=state.mask, position_ids=positions,
-                cache=state.cache, use_cache=state.use_cache, logits_to_keep=1)
-    state.cache = out.cache if state.use_cache else None
-    return out.logits[:, -1]
+    """One forward pass over the tokens after the KV cache (all of them when recomputing): [rows, vocab]
+    logits of the next token (prefix.last_position_logits). Hooks active around the call apply."""
+    logits, state.cache = last_position_logits(model, state.ids, state.mask, state.cache, state.use_cache)
+    return logits
 
 
 def append_token(state: Decoding, token: torch.Tensor):
     """Extend the decode by one token per row: the next step feeds it (or everything, recomputing)."""
     state.mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)
     state.ids = torch.cat([state.ids, token[:, None]], dim=1)
-    state.pending = token[:, None] if state.use_cache else state.ids
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""The shared prompt prefix computed once, and the forward pass over what follows it (no hooks)."""
+"""The shared prompt prefix computed once, the forward pass over what follows it (no hooks), and the
+next-token logits of the last position."""
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,8 @@ def prefill_shared_prefix(model, input_ids, attention_mask, keep: int = 1, direc
     prefix_rows = prefix.expand(len(distinct) if per_row else 1, -1)  # one row per distinct direction
     positions = torch.arange(shared, device=prefix.device)[None].expand(len(prefix_rows), -1)
     with ablation(model, distinct):
-        cache = model(input_ids=prefix_rows, attention_mask=torch.ones_like(prefix_rows), position_ids=positions,
-                      use_cache=True, logits_to_keep=1).cache
+        cache = trunk(model)(input_ids=prefix_rows, attention_mask=torch.ones_like(prefix_rows),
+                             position_ids=positions, use_cache=True).cache
     if per_row:
         cache.batch_select_indices(row_of.to(prefix.device))
     else:
@@ -49,9 +50,26 @@ def prefill_shared_prefix(model, input_ids, attention_mask, keep: int = 1, direc
     return ids, mask, cache
 
 
+def trunk(model):
+    """The decoder stack without the lm_head (hooks on its blocks apply as on the whole model)."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model
+
+
+def last_position_logits(model, ids, mask, cache, use_cache: bool = True):
+    """(logits [rows, vocab] of the token after the last position, cache): the trunk over the tokens
+    after `cache`, then the lm_head on the last position's hidden state, made contiguous. Calling the
+    whole model with logits_to_keep=1 instead hands the lm_head a strided slice, which in bfloat16 on
+    the CPU expands the 151,936 x 896 weight into one copy per row (7.5 of 8.3 s of a 16-prompt pass,
+    measured); in float32 it only costs ~20 %."""
+    out = forward_after_prefix(trunk(model), ids, mask, cache, use_cache=use_cache)
+    hidden = out.last_hidden_state[:, -1].contiguous()
+    return model.get_output_embeddings()(hidden), (out.cache if use_cache else None)
+
+
 def forward_after_prefix(module, ids, mask, cache, **kwargs):
     """One forward pass of `module` (model or trunk) over the tokens after the cached prefix, or over
     all of them when `cache` is None (nothing was shared)."""
     rest = ids.shape[1] - (cache.get_seq_length() if cache is not None else 0)
+    kwargs.setdefault("use_cache", cache is not None)
     return module(input_ids=ids[:, -rest:], attention_mask=mask, position_ids=position_ids(mask)[:, -rest:],
-                  cache=cache, use_cache=cache is not None, **kwargs)
+                  cache=cache, **kwargs)

@@ -250,3 +250,31 @@ def selection_findings(sweep: "pd.DataFrame", best_by_sweep: dict, best_by_selec
                      f"{percent(r.refusal_before)} → {percent(r.refusal_after)} (over-refusal {100 * over:+.1f} pp), "
                      f"{percent(r.changed_class)} of answers change class.")
     return "\n".join(lines)
+
+
+def score_matrix_findings(table: "pd.DataFrame", alpha: float = 0.05) -> str:
+    """The refusal-score matrix (stats.log_odds_matrix on scores.refusal_score_matrix) in words: per
+    target, how far its own direction lowers the refusal log-odds, and which other models' directions
+    lower it significantly less or more than its own (paired sign-flip test, Holm over the column)."""
+    if "diff_vs_self_p_holm" not in table:
+        return "The matrix has no cross-model cells to test."
+    lines = [f"Paired sign-flip tests over the same {int(table.n.iloc[0])} prompts, Holm-adjusted within each "
+             f"column of the table, at p < {alpha:g}:"]
+    for target, part in table.groupby("target", sort=False):
+        own = part[part.source == target]
+        if own.empty or "diff_vs_none" not in own:
+            continue
+        o = own.iloc[0]
+        words = (f"- {target}: its own direction moves refusal log-odds by {o.diff_vs_none:+.2f} "
+                 f"[{o.diff_vs_none_lo:+.2f}, {o.diff_vs_none_hi:+.2f}] (Holm p = {o.diff_vs_none_p_holm:.2g})")
+        others = part[(part.source != target) & (part.source != NO_ABLATION)]
+        weaker = [f"{r.source} ({r.diff_vs_self:+.2f}, Holm p = {r.diff_vs_self_p_holm:.2g})"
+                  for r in others.itertuples() if r.diff_vs_self_p_holm < alpha and r.diff_vs_self > 0]
+        stronger = [f"{r.source} ({r.diff_vs_self:+.2f}, Holm p = {r.diff_vs_self_p_holm:.2g})"
+                    for r in others.itertuples() if r.diff_vs_self_p_holm < alpha and r.diff_vs_self < 0]
+        same = [r.source for r in others.itertuples() if not r.diff_vs_self_p_holm < alpha]
+        words += ("; directions that remove less refusal than its own: " + (", ".join(weaker) or "none")
+                  + "; more: " + (", ".join(stronger) or "none")
+                  + "; not distinguishable from its own: " + (", ".join(same) or "none") + ".")
+        lines.append(words)
+    return "\n".join(lines)

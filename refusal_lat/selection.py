@@ -15,7 +15,7 @@ from .hooks import ablation, activation_addition, subspace_ablation
 from .judges import classify, judge_inputs
 from .models.load import model_fingerprint
 from .models import pool
-from .prefix import forward_after_prefix, prefill_shared_prefix
+from .prefix import last_position_logits, prefill_shared_prefix
 from .progress import progress
 from .prompts import tokenize
 from .store import VERSIONS, cached, encode_table, read_table, stable_hash, tensor_hash
@@ -55,7 +55,7 @@ def last_token_logprobs(model, tokenizer, profile: Profile, instructions: list[s
     for start in range(0, len(instructions), batch_size):
         batch = tokenize(tokenizer, profile, instructions[start:start + batch_size], device)
         ids, mask, cache = prefill_shared_prefix(model, batch["input_ids"], batch["attention_mask"])
-        logits = forward_after_prefix(model, ids, mask, cache, logits_to_keep=1).logits[:, -1]
+        logits = last_position_logits(model, ids, mask, cache)[0]
         out.append(torch.log_softmax(logits.double(), -1).cpu())
     return torch.cat(out)
 

@@ -213,8 +213,10 @@ def mcnemar_table(results: dict, method: str = "paper", judge_text: str = "turn"
 def log_odds_matrix(results: dict, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> "pd.DataFrame":
     """Mean first-token refusal log-odds per cell (target x source, `none` included) with basic bootstrap
     intervals over prompts, and paired differences vs the target's no-ablation cell and vs its own
-    direction. Every cell must hold the same prompts in the same order: one set of resample indices
-    (seed) serves every cell, so all intervals and differences are paired by prompt."""
+    direction, each with a paired sign-flip p-value (sign_flip_p) and Holm's correction over its column
+    (the family: every cell of this table tested against the same reference). Every cell must hold the
+    same prompts in the same order: one set of resample indices (seed) serves every cell, so all
+    intervals and differences are paired by prompt."""
     import numpy as np
     import pandas as pd
     from .svd import bootstrap_indices, intervals
@@ -231,6 +233,7 @@ def log_odds_matrix(results: dict, n_boot: int = 1000, seed: int = 0, level: flo
             raise ValueError(f"cell {target}<-{source} holds different prompts; paired intervals need the same ones")
         scores[(target, source)] = np.array([r["refusal_log_odds"] for r in records], np.float64)
     idx = bootstrap_indices(len(prompts), n_boot, seed)
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_boot, len(prompts)))
     rows = []
     for (target, source), x in scores.items():
         row = {"target": target, "source": source, "n": len(x)}
@@ -240,5 +243,23 @@ def log_odds_matrix(results: dict, n_boot: int = 1000, seed: int = 0, level: flo
             y = x if ref is None else x - scores[ref]
             ci = intervals(y.mean(), y[idx].mean(1), level)
             row[col], row[f"{col}_lo"], row[f"{col}_hi"] = y.mean(), float(ci["basic_lo"]), float(ci["basic_hi"])
+            if ref is not None and ref != (target, source):
+                row[f"{col}_p"] = sign_flip_p(y, signs)
         rows.append(row)
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    for col in ("diff_vs_none_p", "diff_vs_self_p"):
+        if col in out:
+            tested = out[col].notna()
+            out.loc[tested, col + "_holm"] = holm(out.loc[tested, col])
+    return out
+
+
+def sign_flip_p(diffs, signs) -> float:
+    """Two-sided paired sign-flip (permutation) p-value of mean(diffs) = 0: under the null each prompt's
+    difference is as likely negative as positive. `signs` is a [n_perm, n] matrix of +-1; the observed
+    statistic counts as one permutation, so p >= 1 / (n_perm + 1)."""
+    import numpy as np
+    diffs = np.asarray(diffs, np.float64)
+    observed = abs(diffs.mean())
+    flipped = np.abs((signs * diffs).mean(1))
+    return float((1 + np.sum(flipped >= observed - 1e-12)) / (1 + len(signs)))

@@ -23,6 +23,7 @@ VERSIONS = {  # bump a stage's tag when its code changes what it returns
     "activations": "activations-v1",
     "generation": "generation-v3",  # v2: per-row units share the prompt prefix; v3: rows keep the turn (end-of-turn cut)
     "selection": "selection-v1",
+    "scores": "scores-v1",
     "harmless-kl": "harmless-kl-v1",
     "training": "training-v1",
 }

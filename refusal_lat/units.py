@@ -27,7 +27,7 @@ def unit_key(profile: Profile, target: str, source: str, layer, direction, promp
              stop_at_eos: bool) -> dict:
     direction_hash = None if direction is None else tensor_hash(direction)
     return {"stage": VERSIONS["generation"], "target": model_fingerprint(profile, target),
-            "source": source, "layer": layer, "direction": direction_hash, "dtype": profile.dtype,
+            "source": source, "layer": layer, "direction": direction_hash, "dtype": profile.gen_dtype,
             "quantization": profile.quantization, "template": profile.template,
             "max_new_tokens": profile.max_new_tokens, "stop_at_eos": stop_at_eos, "prompts": stable_hash(prompts),
             "rows": len(prompts)}
@@ -76,7 +76,7 @@ def generation_units(profile: Profile, run: Path, prompts: list[str], dirs_by_ro
         else:
             todo.setdefault(target, []).append((source, layer, direction, key, path))
     for target, pending in todo.items():
-        model, tokenizer = pool.use_model(profile, target)
+        model, tokenizer = pool.use_model(profile, target, profile.gen_dtype)
         for group in unit_groups(pending, len(prompts), profile.batch_size):
             started = time.time()
             if len(group) == 1:

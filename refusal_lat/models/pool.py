@@ -1,11 +1,12 @@
 """One resident model shared between calls; roles on the same base switch adapters in place."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
 
-from ..config import Profile, model_role_spec
+from ..config import DTYPES, Profile, model_role_spec
 from ..store import stable_hash
 from .load import adapter_location, free_memory, load_model, merge_adapter, model_fingerprint, use_cuda
 
@@ -13,13 +14,16 @@ from .load import adapter_location, free_memory, load_model, merge_adapter, mode
 _SHARED = {}  # use_model's resident model: key, model, tokenizer, pristine weights, merged adapter
 
 
-def use_model(profile: Profile, role: str):
+def use_model(profile: Profile, role: str, dtype: str | None = None):
     """(model, tokenizer) for `role`, keeping one model resident between calls. Roles that share a
     base switch adapters on it instead of reloading (issue 5: load the base once): the adapter is
     merged in place exactly as load_model merges it, after the weights an earlier merge touched are
     restored byte for byte from a pristine copy, so each role's weights equal a fresh load_model's.
     The model is valid until the next use_model call; drop your reference before it, so that a GPU
-    never holds two. Quantised models are reloaded per role (merging into 4-bit weights is lossy)."""
+    never holds two. Quantised models are reloaded per role (merging into 4-bit weights is lossy).
+    dtype (e.g. profile.gen_dtype) other than profile.dtype: a copy of the role's merged weights cast
+    to it, kept beside the resident model until the role changes (the adapter is merged in
+    profile.dtype first, so both copies hold the same adapter)."""
     spec = model_role_spec(profile, role)
     shareable = profile.quantization == "none"
     key = stable_hash({"base": dataclasses.asdict(dataclasses.replace(spec, adapter=None, adapter_revision="main")),
@@ -43,7 +47,12 @@ def use_model(profile: Profile, role: str):
                 invalidate()  # a failed merge may leave adapter layers behind: never reuse that model
                 raise
         _SHARED["adapter"] = (spec.adapter, spec.adapter_revision)
+        _SHARED.pop("cast", None)
         model.eval().requires_grad_(False)
+    if dtype not in (None, profile.dtype):
+        if _SHARED.get("cast", (None,))[0] != dtype:
+            _SHARED["cast"] = (dtype, copy.deepcopy(model).to(DTYPES[dtype]))
+        model = _SHARED["cast"][1]
     return model, _SHARED["tokenizer"]
 
 

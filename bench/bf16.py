@@ -1,0 +1,94 @@
+"""bfloat16 vs float32 generation on the CPU, side by side in one process, on the series' own path
+(units.generation_units): the base model and LAT, each with no ablation and with its own direction
+ablated, on the profile's eval prompts and token count. Reports tokens/s, the fraction of completions
+that are token-identical, the fraction whose judge label is unchanged (every judge), and how far the
+first-token refusal log-odds move. Order alternates (fp32 first for the base model, bf16 first for
+LAT) so that machine drift does not favour one dtype.
+
+The adoption rule (issue: bf16 for generation when >= 1.5x faster and <= 2 % of labels change) is
+printed with the verdict; the profile records the choice as generation_dtype.
+
+    .venv/bin/python bench/bf16.py [--profile cpu] [--roles base LAT] [--layer 12]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _util import H, table
+
+from refusal_lat.models import pool
+
+
+def run_units(profile, run, prompts, dirs, units):
+    started = time.perf_counter()
+    out = H.generation_units(profile, run, prompts, dirs, units)
+    return time.perf_counter() - started, out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--roles", nargs="+", default=["base", "LAT"])
+    ap.add_argument("--layer", type=int, default=None)
+    args = ap.parse_args()
+    fp32 = dataclasses.replace(H.load_profile(args.profile), generation_dtype="float32")
+    bf16 = dataclasses.replace(fp32, generation_dtype="bfloat16")
+    layer = fp32.layer if args.layer is None else args.layer
+    sets = H.prompt_sets(fp32)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        acts = {r: H.activations(fp32, r, sets, tmp / "acts") for r in args.roles}
+        dirs = H.directions(tmp / "acts", acts)
+        seconds, results = {"float32": 0.0, "bfloat16": 0.0}, {}
+        rows = 0
+        for k, role in enumerate(args.roles):
+            units = [(role, H.NO_ABLATION, None), (role, role, layer)]
+            order = [fp32, bf16] if k % 2 == 0 else [bf16, fp32]
+            for prof in order:
+                pool.use_model(prof, role, prof.gen_dtype)  # load and cast outside the timing
+                dt, out = run_units(prof, tmp / prof.gen_dtype, sets.eval, dirs, units)
+                seconds[prof.gen_dtype] += dt
+                results.setdefault(prof.gen_dtype, {}).update(out)
+            rows += len(units) * len(sets.eval)
+    tokens = rows * fp32.max_new_tokens
+    a, b = results["float32"], results["bfloat16"]
+    same_tokens, same_label, moved = [], {m: [] for m in H.METHODS}, []
+    per_unit = []
+    for unit in a:
+        ra, rb = a[unit], b[unit]
+        same = [x["completion"] == y["completion"] for x, y in zip(ra, rb)]
+        same_tokens += same
+        lo = np.array([x["refusal_log_odds"] for x in ra]) - np.array([y["refusal_log_odds"] for y in rb])
+        moved += list(np.abs(lo))
+        unit_labels = []
+        for method in H.METHODS:
+            (ta, pa), (tb, pb) = H.judge_inputs(ra, fp32.judge_text), H.judge_inputs(rb, fp32.judge_text)
+            la, lb = H.classify(ta, method, pa), H.classify(tb, method, pb)
+            same_label[method] += [x == y for x, y in zip(la, lb)]
+            unit_labels.append(f"{method} {np.mean(np.array(la) == 1):.2f}/{np.mean(np.array(lb) == 1):.2f}")
+        per_unit.append([f"{unit[0]} <- {unit[1]}", f"{np.mean(same):.3f}", ", ".join(unit_labels)])
+    speedup = seconds["float32"] / seconds["bfloat16"]
+    worst_label = 1 - min(np.mean(v) for v in same_label.values())
+    print(table(["", "float32", "bfloat16"], [
+        ["seconds (all units)", f"{seconds['float32']:.1f}", f"{seconds['bfloat16']:.1f}"],
+        ["tokens/s", f"{tokens / seconds['float32']:.1f}", f"{tokens / seconds['bfloat16']:.1f}"]]))
+    print(f"\n{rows} completions x {fp32.max_new_tokens} tokens, batch {fp32.batch_size}, roles {args.roles}, layer {layer}")
+    print(f"speed-up bf16/fp32: {speedup:.2f}x")
+    print(f"token-identical completions: {np.mean(same_tokens):.3f} ({sum(same_tokens)}/{len(same_tokens)})")
+    for method, v in same_label.items():
+        print(f"label unchanged, {method} judge: {np.mean(v):.3f} ({sum(v)}/{len(v)})")
+    print(f"first-token refusal log-odds |fp32 - bf16|: median {np.median(moved):.3f}, max {np.max(moved):.3f}")
+    print(table(["unit", "token-identical", "refusal rate fp32/bf16 per judge"], per_unit))
+    adopt = speedup >= 1.5 and worst_label <= 0.02
+    print(f"\nverdict: {'adopt' if adopt else 'do not adopt'} bf16 generation "
+          f"(speed-up {speedup:.2f}x vs >= 1.5; worst label change {100 * worst_label:.1f} % vs <= 2 %)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The refusal-score transfer matrix (scores.py), its paired sign-flip tests, and the bfloat16
+generation path (profile.generation_dtype)."""
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import helpers as H
+from refusal_lat import generation
+from refusal_lat.config import ConfigError
+
+
+def test_sign_flip_p_exact_cases():
+    all_positive = np.arange(1, 11, dtype=float)  # every flip but the identity lowers |mean|
+    every = np.array(list(itertools.product([-1.0, 1.0], repeat=10)))  # the exact permutation set
+    # exact: the identity and its mirror reach |mean|; the observed counts once more -> (1 + 2) / (1 + 1024)
+    assert H.sign_flip_p(all_positive, every) == pytest.approx(3 / 1025)
+    assert H.sign_flip_p(np.array([1.0, -1.0, 2.0, -2.0]), every[:, :4]) == 1.0  # mean 0: every flip reaches it
+
+
+def test_log_odds_matrix_p_values_and_holm():
+    rng = np.random.default_rng(0)
+    prompts = [f"p{i}" for i in range(40)]
+    base = rng.normal(2.0, 1.0, 40)
+    cells = {("m", "none"): base, ("m", "m"): base - 3.0 + rng.normal(0, 0.1, 40),  # a clear drop
+             ("m", "o"): base + rng.normal(0, 1.0, 40)}  # noise around none
+    results = {(t, s, None): [{"prompt": p, "refusal_log_odds": float(v)} for p, v in zip(prompts, x)]
+               for (t, s), x in cells.items()}
+    table = H.log_odds_matrix(results, n_boot=2000).set_index("source")
+    assert table.loc["m", "diff_vs_none_p"] < 0.001 and table.loc["o", "diff_vs_none_p"] > 0.05
+    assert np.isnan(table.loc["none", "diff_vs_none_p"])  # a cell is not tested against itself
+    assert table.loc["m", "diff_vs_none_p_holm"] == pytest.approx(min(1, 2 * table.loc["m", "diff_vs_none_p"]))
+
+
+def test_refusal_score_matrix_equals_the_first_token_of_generation(tiny, tmp_path):
+    """Golden: a cell's forward-only refusal log-odds equal the refusal_log_odds that generation
+    records from its first new token under the same ablation."""
+    sets = H.prompt_sets(tiny)
+    acts = {r: H.activations(tiny, r, sets, tmp_path) for r in tiny.roles}
+    dirs = H.directions(tmp_path, acts)
+    units = H.transfer_units(tiny)
+    scores = H.refusal_score_matrix(tiny, tmp_path, sets.eval, dirs, units)
+    generated = H.generation_units(tiny, tmp_path, sets.eval, dirs, units)
+    for unit in units:
+        a = [r["refusal_log_odds"] for r in scores[unit]]
+        b = [r["refusal_log_odds"] for r in generated[unit]]
+        assert np.allclose(a, b, atol=1e-4), unit
+    assert H.score_path(tmp_path, "base", "LAT", tiny.layer).exists()
+    ablated = np.mean([r["refusal_log_odds"] for r in scores[("base", "base", tiny.layer)]])
+    plain = np.mean([r["refusal_log_odds"] for r in scores[("base", "none", None)]])
+    assert ablated != plain  # the ablation reached the forward pass
+
+
+def test_refusal_score_matrix_is_cached_and_keyed_on_dtype(tiny, tmp_path, monkeypatch):
+    sets = H.prompt_sets(tiny)
+    acts = {r: H.activations(tiny, r, sets, tmp_path) for r in tiny.roles}
+    dirs = H.directions(tmp_path, acts)
+    units = [("base", "none", None), ("base", "LAT", tiny.layer)]
+    H.refusal_score_matrix(tiny, tmp_path, sets.eval, dirs, units)
+    from refusal_lat import scores
+    calls = []
+    real = scores.subspace_refusal_log_odds
+    monkeypatch.setattr(scores, "subspace_refusal_log_odds", lambda *a: calls.append(1) or real(*a))
+    H.refusal_score_matrix(tiny, tmp_path, sets.eval, dirs, units)
+    assert calls == []  # read back
+    H.refusal_score_matrix(dataclasses.replace(tiny, generation_dtype="bfloat16"), tmp_path, sets.eval, dirs, units)
+    assert len(calls) == 2  # another dtype is another key
+
+
+def test_bf16_generation_runs_in_bf16_and_agrees_with_fp32(tiny, tmp_path, monkeypatch):
+    """The bf16 path generates with bfloat16 weights (asserted on what runs), records that in the unit
+    key, and on the tiny model agrees with float32 on the first token of >= 90 % of rows with
+    first-token refusal log-odds within 0.01 (a random model's logits are nearly flat, so later tokens
+    diverge sooner than a trained model's; bench/bf16.py measures the real model)."""
+    bf16 = dataclasses.replace(tiny, generation_dtype="bfloat16")
+    sets = H.prompt_sets(tiny)
+    acts = {r: H.activations(tiny, r, sets, tmp_path) for r in tiny.roles}
+    dirs = H.directions(tmp_path, acts)
+    seen = []
+    real = generation.generate_tokens
+    monkeypatch.setattr(generation, "generate_tokens",
+                        lambda model, *a, **k: seen.append(next(model.parameters()).dtype) or real(model, *a, **k))
+    units = [("base", "none", None), ("base", "base", tiny.layer)]
+    a = H.generation_units(tiny, tmp_path / "fp32", sets.eval, dirs, units)
+    b = H.generation_units(bf16, tmp_path / "bf16", sets.eval, dirs, units)
+    half = len(seen) // 2
+    assert seen[:half] == [torch.float32] * half and seen[half:] == [torch.bfloat16] * half
+    rows_a = [r for u in units for r in a[u]]
+    rows_b = [r for u in units for r in b[u]]
+    first = lambda rows: [r["completion"][:1] for r in rows]  # noqa: E731
+    assert np.mean([x == y for x, y in zip(first(rows_a), first(rows_b))]) >= 0.9
+    assert np.allclose([r["refusal_log_odds"] for r in rows_a], [r["refusal_log_odds"] for r in rows_b], atol=0.01)
+    import json
+    meta = json.loads(H.unit_path(tmp_path / "bf16", "base", "none", None).with_suffix(".json").read_text())
+    assert meta["key"]["dtype"] == "bfloat16"
+    # activations stay float32 under a bf16 generation profile
+    assert H.activations(bf16, "base", sets, tmp_path / "bf16")["harmful"].dtype == torch.float32
+
+
+def test_generation_dtype_is_checked():
+    with pytest.raises(ConfigError, match="generation_dtype"):
+        H.load_profile("tiny", {"generation_dtype": "float8"})
+    with pytest.raises(ConfigError, match="quantization none"):
+        H.load_profile("tiny", {"generation_dtype": "bfloat16", "quantization": "nf4"})
