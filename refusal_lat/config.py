@@ -63,6 +63,9 @@ class Profile:
     train_threads: int = 0         # torch CPU threads while training adapters (0 = torch's default)
     generation_dtype: str = ""     # weights' dtype while generating and scoring refusal (units, refusal-score
                                    # matrix); "" = dtype. Activations, directions and the SVD keep dtype
+    exact_paper_path: bool = False  # the authors' numerical path: no shared-prefix prefill, one direction per
+                                   # generation batch of 16 (base) / 12 (other models), LoRA weights cast to
+                                   # float16 before merging (docs/method.md, "Generation"); off = the fast path
     threads: int = 0               # torch CPU threads from the first model load on (0 = torch's default);
                                    # float32 on >1 thread can differ by 1 ulp between runs on a loaded machine
     judge_text: str = "turn"       # what the judges read: "turn" (text before the first end-of-turn token)
@@ -86,7 +89,7 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
-_TYPES = {"str": str, "int": int, "float": (int, float), "list": list, "dict": dict, "tuple": (list, tuple),
+_TYPES = {"str": str, "int": int, "bool": bool, "float": (int, float), "list": list, "dict": dict, "tuple": (list, tuple),
           "str | None": (str, type(None))}
 
 
@@ -106,7 +109,7 @@ def check_fields(cls, raw: dict, where: str) -> dict:
     for key, value in raw.items():
         kind = str(fields[key].type)
         want = _TYPES.get(kind)
-        if want is not None and (not isinstance(value, want) or isinstance(value, bool)):
+        if want is not None and (not isinstance(value, want) or (isinstance(value, bool) and kind != "bool")):
             hint = " (write floats as 6.0e-4: YAML reads 6e-4 as text)" if kind == "float" else ""
             raise ConfigError(f"{where}: key '{key}' must be {kind}, got {type(value).__name__} {value!r}{hint}")
         out[key] = tuple(value) if kind == "tuple" else float(value) if kind == "float" else value

@@ -30,11 +30,12 @@ class Decoding:
 
 
 def start_decoding(model, input_ids, attention_mask, use_cache: bool = True,
-                   direction: torch.Tensor | None = None) -> Decoding:
+                   direction: torch.Tensor | None = None, share_prefix: bool = True) -> Decoding:
     """With the KV cache, a prefix shared by every prompt is computed once (prefill_shared_prefix),
-    with `direction` ablated; use_cache=False recomputes everything, as the paper's loop did."""
+    with `direction` ablated, unless share_prefix=False; use_cache=False recomputes everything, as the
+    paper's loop did."""
     ids, mask, cache = input_ids, attention_mask, None
-    if use_cache:
+    if use_cache and share_prefix:
         ids, mask, cache = prefill_shared_prefix(model, ids, mask, direction=direction)
     return Decoding(ids, mask, cache, use_cache)
 
@@ -56,13 +57,13 @@ def append_token(state: Decoding, token: torch.Tensor):
 @torch.no_grad()
 def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, use_cache: bool = True,
                   eos_token_id: int | None = None, direction: torch.Tensor | None = None,
-                  return_logits: bool = False, on_token=None):
+                  return_logits: bool = False, on_token=None, share_prefix: bool = True):
     """[batch, max_new_tokens] greedy continuation, with `direction` ([d], or [batch, d] one per row)
     ablated throughout. use_cache=False is the paper's recompute loop (the golden reference for the
     KV-cached path). With eos_token_id, sequences that emitted it continue with pad = eos and the loop
     ends when all have. return_logits: also the [batch, vocab] logits of the first new token. on_token():
-    called after each decoded token (progress)."""
-    state = start_decoding(model, input_ids, attention_mask, use_cache, direction)
+    called after each decoded token (progress). share_prefix=False: no shared-prefix prefill."""
+    state = start_decoding(model, input_ids, attention_mask, use_cache, direction, share_prefix)
     new_tokens, first_logits = [], None
     done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
     with ablation(model, direction):
@@ -119,7 +120,7 @@ class Generation:
 def generate_tokens(model, tokenizer, profile: Profile, instructions: list[str],
                     direction: torch.Tensor | None = None, stop_at_eos: bool = False, desc: str = "",
                     batch_size: int | None = None, max_new_tokens: int | None = None,
-                    return_logits: bool = False) -> Generation:
+                    return_logits: bool = False, share_prefix: bool = True) -> Generation:
     """Greedy completions of `instructions` as text and token ids, with `direction` ablated everywhere
     when given: one [d] vector for all of them, or a [len(instructions), d] matrix, one per prompt.
     batch_size and max_new_tokens default to the profile's."""
@@ -141,7 +142,7 @@ def generate_tokens(model, tokenizer, profile: Profile, instructions: list[str],
         tokens, first = greedy_tokens(model, batch["input_ids"], batch["attention_mask"], max_new_tokens,
                                       eos_token_id=tokenizer.eos_token_id if stop_at_eos else None,
                                       direction=direction[rows] if per_row else direction, return_logits=True,
-                                      on_token=lambda: bar.update(1))
+                                      on_token=lambda: bar.update(1), share_prefix=share_prefix)
         bar.update((b + 1) * max_new_tokens - bar.n)  # a batch that stopped early at end-of-sequence
         texts += tokenizer.batch_decode(tokens, skip_special_tokens=True)
         token_ids += tokens.tolist()

@@ -30,6 +30,7 @@ def unit_key(profile: Profile, target: str, source: str, layer, direction, promp
             "source": source, "layer": layer, "direction": direction_hash, "dtype": profile.gen_dtype,
             "quantization": profile.quantization, "template": profile.template,
             "max_new_tokens": profile.max_new_tokens, "stop_at_eos": stop_at_eos, "prompts": stable_hash(prompts),
+            "exact_paper_path": profile.exact_paper_path,
             "rows": len(prompts)}
 
 
@@ -77,7 +78,8 @@ def generation_units(profile: Profile, run: Path, prompts: list[str], dirs_by_ro
             todo.setdefault(target, []).append((source, layer, direction, key, path))
     for target, pending in todo.items():
         model, tokenizer = pool.use_model(profile, target, profile.gen_dtype)
-        for group in unit_groups(pending, len(prompts), profile.batch_size):
+        batch_size = exact_batch_size(profile, target) if profile.exact_paper_path else profile.batch_size
+        for group in unit_groups(pending, len(prompts), batch_size):
             started = time.time()
             if len(group) == 1:
                 directions = group[0][2]
@@ -86,7 +88,8 @@ def generation_units(profile: Profile, run: Path, prompts: list[str], dirs_by_ro
                                           for _, _, d, _, _ in group for _ in prompts])
             names = ", ".join(source + ("" if layer is None else f" L{layer}") for source, layer, *_ in group)
             out = generation.generate_tokens(model, tokenizer, profile, prompts * len(group), directions, stop_at_eos,
-                                             desc=f"{target} <- {names}", return_logits=True)
+                                             desc=f"{target} <- {names}", return_logits=True, batch_size=batch_size,
+                                             share_prefix=not profile.exact_paper_path)
             if len(out.texts) != len(prompts) * len(group):
                 raise StoreError(f"generation returned {len(out.texts)} completions for {len(prompts) * len(group)} "
                                  f"prompts ({target} <- {names}); refusing to save units with no or too few rows")
@@ -100,6 +103,15 @@ def generation_units(profile: Profile, run: Path, prompts: list[str], dirs_by_ro
                 results[(target, source, layer)] = rows
         del model  # the next use_model may load another model
     return {u: results[u] for u in units}
+
+
+PAPER_BATCH_SIZES = (16, 12)  # the authors' generation batches: the base model, then AT and LAT
+
+
+def exact_batch_size(profile: Profile, target: str) -> int:
+    """exact_paper_path: 16 rows per generation batch for the base model (the profile's first role),
+    12 for the others, as the authors ran them."""
+    return PAPER_BATCH_SIZES[0] if target == profile.roles[0] else PAPER_BATCH_SIZES[1]
 
 
 def transfer_units(profile: Profile, layer: int | None = None) -> list[tuple]:

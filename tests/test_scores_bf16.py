@@ -104,3 +104,51 @@ def test_generation_dtype_is_checked():
         H.load_profile("tiny", {"generation_dtype": "float8"})
     with pytest.raises(ConfigError, match="quantization none"):
         H.load_profile("tiny", {"generation_dtype": "bfloat16", "quantization": "nf4"})
+
+
+def test_exact_paper_path_uses_the_authors_batches_and_no_shared_prefix(tmp_path, monkeypatch):
+    """exact_paper_path: generation batches of 16 rows for the base model and 12 for the others, one
+    direction per batch, and no shared-prefix prefill (asserted on what runs)."""
+    exact = H.load_profile("tiny", {"exact_paper_path": True, "n_eval": 20})
+    fast = H.load_profile("tiny", {"n_eval": 20, "batch_size": 80})
+    sets = H.prompt_sets(exact)
+    acts = {r: H.activations(exact, r, sets, tmp_path) for r in exact.roles}
+    dirs = H.directions(tmp_path, acts)
+    seen, prefills = [], []
+    real_greedy, real_prefill = generation.greedy_tokens, generation.prefill_shared_prefix
+    monkeypatch.setattr(generation, "greedy_tokens",
+                        lambda model, ids, *a, **k: seen.append((len(ids), k["direction"] is None or k["direction"].ndim))
+                        or real_greedy(model, ids, *a, **k))
+    monkeypatch.setattr(generation, "prefill_shared_prefix", lambda *a, **k: prefills.append(1) or real_prefill(*a, **k))
+    units = H.transfer_units(exact)
+    exact_rows = H.generation_units(exact, tmp_path / "exact", sets.eval, dirs, units)
+    per_unit = 2  # 20 prompts: base 16 + 4, others 12 + 8
+    assert [n for n, _ in seen] == [16, 4] * 3 + [12, 8] * 3 and prefills == []
+    assert all(kind in (True, 1) for _, kind in seen)  # one direction (or none) per batch, never per row
+    seen.clear()
+    fast_rows = H.generation_units(fast, tmp_path / "fast", sets.eval, dirs, units)
+    assert [n for n, _ in seen] == [60, 60] and len(prefills) == per_unit  # per-row units, prefix shared
+    same = [a["completion"] == b["completion"] for u in units for a, b in zip(exact_rows[u], fast_rows[u])]
+    assert np.mean(same) == 1.0  # float32 on the CPU: the two paths give the same tokens
+
+
+def test_exact_paper_path_merges_float16_lora_weights(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    tiny = H.load_profile("tiny")
+    model, _ = H.load_model(tiny, "base")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    base = H.load_profile("tiny", {"models": {"base": {"source": "tiny", "id": "tiny-random-llama",
+                                                       "config": tiny.models["base"].config,
+                                                       "adapter": str(tmp_path / "adapter")}}})
+    exact = H.load_profile("tiny", {"exact_paper_path": True, "models": {"base": {
+        "source": "tiny", "id": "tiny-random-llama", "config": tiny.models["base"].config, "adapter": str(tmp_path / "adapter")}}})
+    plain, _ = H.load_model(tiny, "base")
+    w = lambda m: m.model.layers[0].self_attn.q_proj.weight.detach()  # noqa: E731
+    merged32, merged16 = w(H.load_model(base, "base")[0]), w(H.load_model(exact, "base")[0])
+    delta32, delta16 = merged32 - w(plain), merged16 - w(plain)
+    assert not torch.equal(delta32, delta16)  # the cast changed the merge ...
+    assert torch.allclose(delta32, delta16, rtol=0, atol=1e-2 * delta32.abs().max())  # ... by fp16 rounding only
+    assert H.model_fingerprint(exact, "base")["lora_dtype"] == "torch.float16"
+    assert "lora_dtype" not in H.model_fingerprint(base, "base")

@@ -99,7 +99,7 @@ def load_model(profile: Profile, role: str):
     else:
         model = AutoModelForCausalLM.from_pretrained(spec.id, revision=spec.revision, **kwargs)
     if spec.adapter:
-        model = merge_adapter(model, adapter_location(spec), spec.adapter_revision)
+        model = merge_adapter(model, adapter_location(spec), spec.adapter_revision, lora_dtype=lora_dtype(profile))
     if not cuda:
         if quantized:
             fit_cpu_4bit_kernels(model)
@@ -107,6 +107,11 @@ def load_model(profile: Profile, role: str):
             model = model.to("cpu")
     model.eval().requires_grad_(False)
     return model, tokenizer
+
+
+def lora_dtype(profile: Profile) -> torch.dtype | None:
+    """float16 on the exact paper path (the authors merged float16 LoRA weights), else None (as loaded)."""
+    return torch.float16 if profile.exact_paper_path else None
 
 
 def nf4_config(profile: Profile):
@@ -149,11 +154,15 @@ def model_fingerprint(profile: Profile, role: str) -> dict:
     out = {**dataclasses.asdict(spec), "device": "cuda" if use_cuda(profile) else "cpu"}
     if spec.adapter and Path(adapter_location(spec)).is_dir():
         out["adapter_sha256"] = sha256_file(Path(adapter_location(spec)) / "adapter_model.safetensors")
+    if spec.adapter and lora_dtype(profile) is not None:
+        out["lora_dtype"] = str(lora_dtype(profile))
     return out
 
 
-def merge_adapter(model, adapter: str, revision: str = "main", pristine: dict | None = None):
-    """Load a PEFT LoRA adapter on top of `model` and fold it into the weights (docs/method.md, "Models")."""
+def merge_adapter(model, adapter: str, revision: str = "main", pristine: dict | None = None,
+                  lora_dtype: torch.dtype | None = None):
+    """Load a PEFT LoRA adapter on top of `model` and fold it into the weights (docs/method.md, "Models").
+    lora_dtype: cast the LoRA matrices to it before merging (the authors' float16; exact_paper_path)."""
     from peft import PeftModel
     try:
         peft_model = PeftModel.from_pretrained(model, adapter, revision=revision)
@@ -173,6 +182,10 @@ def merge_adapter(model, adapter: str, revision: str = "main", pristine: dict | 
         for name, module in peft_model.named_modules():
             if isinstance(module, BaseTunerLayer) and name.startswith(prefix) and name[len(prefix):] not in pristine:
                 pristine[name[len(prefix):]] = module.get_base_layer().weight.detach().clone()
+    if lora_dtype is not None:
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(lora_dtype)
     return peft_model.merge_and_unload()
 
 

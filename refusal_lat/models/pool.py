@@ -8,7 +8,7 @@ import torch
 
 from ..config import DTYPES, Profile, model_role_spec
 from ..store import stable_hash
-from .load import adapter_location, free_memory, load_model, merge_adapter, model_fingerprint, use_cuda
+from .load import adapter_location, free_memory, load_model, lora_dtype, merge_adapter, model_fingerprint, use_cuda
 
 
 _SHARED = {}  # use_model's resident model: key, model, tokenizer, pristine weights, merged adapter
@@ -33,20 +33,22 @@ def use_model(profile: Profile, role: str, dtype: str | None = None):
         invalidate()
         base = dataclasses.replace(spec, adapter=None) if shareable else spec
         model, tokenizer = load_model(dataclasses.replace(profile, models={role: base}), role)
-        _SHARED.update(key=key, model=model, tokenizer=tokenizer, pristine={}, adapter=(spec.adapter, spec.adapter_revision)
-                       if not shareable else (None, "main"))
+        _SHARED.update(key=key, model=model, tokenizer=tokenizer, pristine={}, adapter=(spec.adapter, spec.adapter_revision, str(lora_dtype(profile)))
+                       if not shareable else (None, "main", str(lora_dtype(profile))))
     model = _SHARED["model"]
-    if _SHARED["adapter"] != (spec.adapter, spec.adapter_revision):
+    merged = (spec.adapter, spec.adapter_revision, str(lora_dtype(profile)))
+    if _SHARED["adapter"] != merged:
         with torch.no_grad():
             for name, weight in _SHARED["pristine"].items():
                 model.get_submodule(name).weight.copy_(weight)
         if spec.adapter:
             try:
-                merge_adapter(model, adapter_location(spec), spec.adapter_revision, pristine=_SHARED["pristine"])
+                merge_adapter(model, adapter_location(spec), spec.adapter_revision, pristine=_SHARED["pristine"],
+                              lora_dtype=lora_dtype(profile))
             except Exception:
                 invalidate()  # a failed merge may leave adapter layers behind: never reuse that model
                 raise
-        _SHARED["adapter"] = (spec.adapter, spec.adapter_revision)
+        _SHARED["adapter"] = merged
         _SHARED.pop("cast", None)
         model.eval().requires_grad_(False)
     if dtype not in (None, profile.dtype):
