@@ -117,6 +117,8 @@ from refusal_lat.selection import (  # noqa: F401
     last_token_logprobs,
     refusal_score,
     refusal_token_ids,
+    second_component_table,
+    second_component_tests,
     select_layer,
     selection_scores,
     selection_table,

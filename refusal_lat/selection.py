@@ -107,6 +107,49 @@ def second_component_ablation(model, tokenizer, profile: Profile, prompts: list[
     return pd.DataFrame(table)
 
 
+def second_component_table(profile: Profile, run: Path, role: str, acts: dict, prompts: list[str],
+                           layer: int | None = None) -> "pd.DataFrame":
+    """second_component_ablation for one model at `layer` (default: the profile's), its bases from the
+    model's own direction-set activations (component_bases), in profile.gen_dtype; cached as
+    runs/<profile>/selection/<role>_components_L<layer>.csv."""
+    import pandas as pd
+    layer = profile.layer if layer is None else layer
+    bases = component_bases(acts["harmful"][:, layer].double().numpy(), acts["harmless"][:, layer].double().numpy())
+    key = {"stage": VERSIONS["selection"], "what": "second-component", "target": model_fingerprint(profile, role),
+           "layer": layer, "dtype": profile.gen_dtype, "bases": {k: tensor_hash(v) for k, v in bases.items()},
+           "refusal_tokens": profile.refusal_tokens, "prompts": stable_hash(prompts), "rows": len(prompts)}
+
+    def compute(info):
+        model, tokenizer = pool.use_model(profile, role, profile.gen_dtype)
+        return second_component_ablation(model, tokenizer, profile, prompts, bases)
+    table = cached(run / "selection" / f"{role}_components_L{layer}.csv", key, compute, read_table, encode_table)
+    return pd.DataFrame(table).assign(model=role, layer=layer)
+
+
+def second_component_tests(tables: list, n_boot: int = 1000, seed: int = 0) -> "pd.DataFrame":
+    """Per model: mean log-odds change of each ablation vs none, and top2 - top1 (does the second
+    singular vector remove refusal the first leaves?) with basic bootstrap intervals over prompts and
+    a paired sign-flip p-value; Holm over the models' top2 - top1 tests."""
+    import pandas as pd
+    from .stats import holm, sign_flip_p
+    from .svd import bootstrap_indices, intervals
+    rows = []
+    for t in tables:
+        idx = bootstrap_indices(len(t), n_boot, seed)
+        signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_boot, len(t)))
+        row = {"model": t.model.iloc[0], "layer": int(t.layer.iloc[0]), "n": len(t)}
+        for name, diff in (("mean_diff", t.mean_diff - t.none), ("top1", t.top1 - t.none), ("top2", t.top2 - t.none),
+                           ("top2_minus_top1", t.top2 - t.top1)):
+            y = diff.to_numpy(np.float64)
+            ci = intervals(y.mean(), y[idx].mean(1))
+            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = y.mean(), float(ci["basic_lo"]), float(ci["basic_hi"])
+        row["top2_minus_top1_p"] = sign_flip_p((t.top2 - t.top1).to_numpy(np.float64), signs)
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out["top2_minus_top1_p_holm"] = holm(out.top2_minus_top1_p)
+    return out
+
+
 def kl_divergence(base_logprobs: torch.Tensor, other_logprobs: torch.Tensor) -> np.ndarray:
     """Per-prompt KL(base || other) of the next-token distributions."""
     return (base_logprobs.exp() * (base_logprobs - other_logprobs)).sum(-1).clamp_min(0).numpy()

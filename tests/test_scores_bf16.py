@@ -152,3 +152,28 @@ def test_exact_paper_path_merges_float16_lora_weights(tmp_path):
     assert torch.allclose(delta32, delta16, rtol=0, atol=1e-2 * delta32.abs().max())  # ... by fp16 rounding only
     assert H.model_fingerprint(exact, "base")["lora_dtype"] == "torch.float16"
     assert "lora_dtype" not in H.model_fingerprint(base, "base")
+
+
+def test_second_component_tests_find_a_planted_second_component():
+    import pandas as pd
+    rng = np.random.default_rng(1)
+    none = rng.normal(3.0, 1.0, 60)
+    top1 = none - 1.0 + rng.normal(0, 0.05, 60)
+    carries = pd.DataFrame({"none": none, "mean_diff": top1, "top1": top1, "top2": top1 - 1.0 + rng.normal(0, 0.05, 60),
+                            "model": "carries", "layer": 3})
+    empty = carries.assign(top2=top1 + rng.normal(0, 0.05, 60), model="empty")
+    out = H.second_component_tests([carries, empty], n_boot=2000).set_index("model")
+    assert out.loc["carries", "top2_minus_top1"] == pytest.approx(-1.0, abs=0.05)
+    assert out.loc["carries", "top2_minus_top1_p_holm"] < 0.01 and out.loc["empty", "top2_minus_top1_p_holm"] > 0.05
+    row = out.loc["carries"]
+    assert row.top2_minus_top1_lo < row.top2_minus_top1 < row.top2_minus_top1_hi < -0.9  # tight, far from 0
+
+
+def test_second_component_table_is_cached(tiny, tmp_path, monkeypatch):
+    sets = H.prompt_sets(tiny)
+    acts = H.activations(tiny, "base", sets, tmp_path)
+    first = H.second_component_table(tiny, tmp_path, "base", acts, sets.eval)
+    from refusal_lat import selection
+    monkeypatch.setattr(selection, "second_component_ablation", lambda *a: (_ for _ in ()).throw(AssertionError("recomputed")))
+    again = H.second_component_table(tiny, tmp_path, "base", acts, sets.eval)
+    assert np.allclose(first[["none", "top1", "top2"]].to_numpy(), again[["none", "top1", "top2"]].to_numpy())
