@@ -8,7 +8,11 @@ LAT) so that machine drift does not favour one dtype.
 The adoption rule (issue: bf16 for generation when >= 1.5x faster and <= 2 % of labels change) is
 printed with the verdict; the profile records the choice as generation_dtype.
 
-    .venv/bin/python bench/bf16.py [--profile cpu] [--roles base LAT] [--layer 12]
+Also (--prefill): the next-token logits of a prompt batch (a forward pass, as the refusal-score
+matrix runs it) through the whole model with logits_to_keep=1 vs prefix.last_position_logits (the
+trunk, then the lm_head on the contiguous last hidden state), in float32 and bfloat16.
+
+    .venv/bin/python bench/bf16.py [--profile cpu] [--roles base LAT] [--layer 12] [--prefill-only]
 """
 from __future__ import annotations
 
@@ -20,7 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from _util import H, table
+import copy
+
+import torch
+
+from _util import H, compare, med, spread, table
 
 from refusal_lat.models import pool
 
@@ -31,12 +39,50 @@ def run_units(profile, run, prompts, dirs, units):
     return time.perf_counter() - started, out
 
 
+@torch.no_grad()
+def logits_whole_model(model, tok, profile, prompts):
+    """The earlier path: the whole model with logits_to_keep=1 (the lm_head gets a strided slice)."""
+    from refusal_lat.prefix import forward_after_prefix, prefill_shared_prefix
+    b = H.tokenize(tok, profile, prompts)
+    ids, mask, cache = prefill_shared_prefix(model, b["input_ids"], b["attention_mask"])
+    return forward_after_prefix(model, ids, mask, cache, logits_to_keep=1).logits[:, -1]
+
+
+@torch.no_grad()
+def logits_trunk(model, tok, profile, prompts):
+    from refusal_lat.prefix import last_position_logits, prefill_shared_prefix
+    b = H.tokenize(tok, profile, prompts)
+    ids, mask, cache = prefill_shared_prefix(model, b["input_ids"], b["attention_mask"])
+    return last_position_logits(model, ids, mask, cache)[0]
+
+
+def prefill(profile, prompts, reps: int = 3):
+    model, tok = pool.use_model(profile, profile.roles[0])
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    fns = {f"{name} {dtype}": (lambda f=f, m=m: f(m, tok, profile, prompts))
+           for dtype, m in (("float32", model), ("bfloat16", half))
+           for name, f in (("whole model", logits_whole_model), ("trunk + lm_head", logits_trunk))}
+    t = compare(fns, reps)
+    ref = fns["whole model float32"]().double()
+    rows = []
+    for k in fns:
+        out = fns[k]().double()
+        rows.append([k, spread(t[k]), f"{med(t['whole model float32']) / med(t[k]):.2f}x",
+                     f"{(out - ref).abs().max().item():.2e}", f"{(out.argmax(-1) == ref.argmax(-1)).float().mean().item():.3f}"])
+    print(f"next-token logits of {len(prompts)} prompts in one batch, median (min-max) of {reps}:")
+    print(table(["variant", "time", "x whole model float32", "max |logit - float32 whole model|", "same argmax"], rows))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--roles", nargs="+", default=["base", "LAT"])
     ap.add_argument("--layer", type=int, default=None)
+    ap.add_argument("--prefill-only", action="store_true")
     args = ap.parse_args()
+    prefill(H.load_profile(args.profile), H.prompt_sets(H.load_profile(args.profile)).eval[:64])
+    if args.prefill_only:
+        return
     fp32 = dataclasses.replace(H.load_profile(args.profile), generation_dtype="float32")
     bf16 = dataclasses.replace(fp32, generation_dtype="bfloat16")
     layer = fp32.layer if args.layer is None else args.layer
