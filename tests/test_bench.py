@@ -46,3 +46,16 @@ def test_gpu_script_dry_run_on_tiny_cpu():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "first 8 tokens equal (2 prompts): yes" in done.stdout
     assert "ablated, KV cache" in done.stdout and "floor:" in done.stdout
+
+
+@pytest.mark.parametrize("script, args, expect", [
+    ("bf16.py", [], ["speed-up bf16/fp32", "token-identical completions", "label unchanged, project judge", "verdict"]),
+    ("peer.py", ["--reps", "1"], ["peer / project", "same tokens, one call: True", "workload completions identical: 24/24"]),
+    ("nf4_cpu.py", [], ["NF4 - plain", "first two %", "refusal own (project)"]),
+])
+def test_side_by_side_benches_run_on_tiny(script, args, expect):
+    done = subprocess.run([sys.executable, str(BENCH / script), "--profile", "tiny", *args], capture_output=True,
+                          text=True, timeout=300, env={**__import__("os").environ, "REFUSAL_LAT_PROGRESS": "off"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    for text in expect:
+        assert text in done.stdout, (text, done.stdout[-2000:])
