@@ -5,7 +5,7 @@ without ablation and with the model's own direction ablated (paper and project j
 own-direction change in first-token refusal log-odds. Same prompts, same code; only
 `quantization: nf4` differs (a profile switch: overrides={"quantization": "nf4"}).
 
-    .venv/bin/python bench/nf4_cpu.py [--profile cpu] [--roles base LAT]
+    .venv/bin/python bench/nf4_cpu.py [--profile cpu] [--roles base LAT] [--n-eval 64] [--tokens 32]
 """
 from __future__ import annotations
 
@@ -46,9 +46,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--roles", nargs="+", default=["base", "LAT"])
+    ap.add_argument("--n-eval", type=int, default=None, help="eval prompts (default: the profile's)")
+    ap.add_argument("--tokens", type=int, default=None, help="new tokens (default: the profile's)")
     args = ap.parse_args()
-    plain = H.load_profile(args.profile)
-    nf4 = H.load_profile(args.profile, {"quantization": "nf4", "generation_dtype": ""})
+    sizes = {k: v for k, v in (("n_eval", args.n_eval), ("max_new_tokens", args.tokens)) if v}
+    plain = H.load_profile(args.profile, sizes)
+    nf4 = H.load_profile(args.profile, {**sizes, "quantization": "nf4", "generation_dtype": ""})
     with tempfile.TemporaryDirectory() as tmp:
         a = measure(plain, args.roles, Path(tmp) / "plain")
         b = measure(nf4, args.roles, Path(tmp) / "nf4")

@@ -126,17 +126,17 @@ def second_component_table(profile: Profile, run: Path, role: str, acts: dict, p
     return pd.DataFrame(table).assign(model=role, layer=layer)
 
 
-def second_component_tests(tables: list, n_boot: int = 1000, seed: int = 0) -> "pd.DataFrame":
+def second_component_tests(tables: list, n_boot: int = 1000, seed: int = 0, n_perm: int = 10000) -> "pd.DataFrame":
     """Per model: mean log-odds change of each ablation vs none, and top2 - top1 (does the second
     singular vector remove refusal the first leaves?) with basic bootstrap intervals over prompts and
-    a paired sign-flip p-value; Holm over the models' top2 - top1 tests."""
+    a paired sign-flip p-value (n_perm sign patterns); Holm over the models' top2 - top1 tests."""
     import pandas as pd
     from .stats import holm, sign_flip_p
     from .svd import bootstrap_indices, intervals
     rows = []
     for t in tables:
         idx = bootstrap_indices(len(t), n_boot, seed)
-        signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_boot, len(t)))
+        signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_perm, len(t)))
         row = {"model": t.model.iloc[0], "layer": int(t.layer.iloc[0]), "n": len(t)}
         for name, diff in (("mean_diff", t.mean_diff - t.none), ("top1", t.top1 - t.none), ("top2", t.top2 - t.none),
                            ("top2_minus_top1", t.top2 - t.top1)):

@@ -210,10 +210,12 @@ def mcnemar_table(results: dict, method: str = "paper", judge_text: str = "turn"
     return out
 
 
-def log_odds_matrix(results: dict, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> "pd.DataFrame":
+def log_odds_matrix(results: dict, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                    n_perm: int = 10000) -> "pd.DataFrame":
     """Mean first-token refusal log-odds per cell (target x source, `none` included) with basic bootstrap
     intervals over prompts, and paired differences vs the target's no-ablation cell and vs its own
-    direction, each with a paired sign-flip p-value (sign_flip_p) and Holm's correction over its column
+    direction, each with a paired sign-flip p-value (sign_flip_p, n_perm random sign patterns: the
+    smallest p it can give is 1 / (n_perm + 1)) and Holm's correction over its column
     (the family: every cell of this table tested against the same reference). Every cell must hold the
     same prompts in the same order: one set of resample indices (seed) serves every cell, so all
     intervals and differences are paired by prompt."""
@@ -233,7 +235,7 @@ def log_odds_matrix(results: dict, n_boot: int = 1000, seed: int = 0, level: flo
             raise ValueError(f"cell {target}<-{source} holds different prompts; paired intervals need the same ones")
         scores[(target, source)] = np.array([r["refusal_log_odds"] for r in records], np.float64)
     idx = bootstrap_indices(len(prompts), n_boot, seed)
-    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_boot, len(prompts)))
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_perm, len(prompts)))
     rows = []
     for (target, source), x in scores.items():
         row = {"target": target, "source": source, "n": len(x)}
