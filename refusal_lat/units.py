@@ -79,7 +79,8 @@ def generation_units(profile: Profile, run: Path, prompts: list[str], dirs_by_ro
     for target, pending in todo.items():
         model, tokenizer = pool.use_model(profile, target, profile.gen_dtype)
         batch_size = exact_batch_size(profile, target) if profile.exact_paper_path else profile.batch_size
-        for group in unit_groups(pending, len(prompts), batch_size):
+        groups = [[unit] for unit in pending] if profile.exact_paper_path else unit_groups(pending, len(prompts), batch_size)
+        for group in groups:
             started = time.time()
             if len(group) == 1:
                 directions = group[0][2]

@@ -128,6 +128,10 @@ def test_exact_paper_path_uses_the_authors_batches_and_no_shared_prefix(tmp_path
     seen.clear()
     fast_rows = H.generation_units(fast, tmp_path / "fast", sets.eval, dirs, units)
     assert [n for n, _ in seen] == [60, 60] and len(prefills) == per_unit  # per-row units, prefix shared
+    seen.clear()
+    few = H.load_profile("tiny", {"exact_paper_path": True})  # 8 prompts: two units would fit one batch of 16
+    H.generation_units(few, tmp_path / "few", H.prompt_sets(few).eval, dirs, units)
+    assert [n for n, _ in seen] == [8] * len(units) and all(kind in (True, 1) for _, kind in seen)
     same = [a["completion"] == b["completion"] for u in units for a, b in zip(exact_rows[u], fast_rows[u])]
     assert np.mean(same) == 1.0  # float32 on the CPU: the two paths give the same tokens
 

@@ -29,14 +29,14 @@ def use_model(profile: Profile, role: str, dtype: str | None = None):
     key = stable_hash({"base": dataclasses.asdict(dataclasses.replace(spec, adapter=None, adapter_revision="main")),
                        "role": None if shareable else model_fingerprint(profile, role), "dtype": profile.dtype,
                        "quantization": profile.quantization, "cuda": use_cuda(profile)})
+    merged = (spec.adapter, spec.adapter_revision, str(lora_dtype(profile)))  # what the weights must hold
     if _SHARED.get("key") != key:
         invalidate()
         base = dataclasses.replace(spec, adapter=None) if shareable else spec
         model, tokenizer = load_model(dataclasses.replace(profile, models={role: base}), role)
-        _SHARED.update(key=key, model=model, tokenizer=tokenizer, pristine={}, adapter=(spec.adapter, spec.adapter_revision, str(lora_dtype(profile)))
-                       if not shareable else (None, "main", str(lora_dtype(profile))))
+        _SHARED.update(key=key, model=model, tokenizer=tokenizer, pristine={},
+                       adapter=merged if not shareable else (None, "main", merged[2]))
     model = _SHARED["model"]
-    merged = (spec.adapter, spec.adapter_revision, str(lora_dtype(profile)))
     if _SHARED["adapter"] != merged:
         with torch.no_grad():
             for name, weight in _SHARED["pristine"].items():
