@@ -9,7 +9,7 @@ each unit as its own batches of 16; the project runs them as the series does (un
 several units per batch, one direction per row, the shared prompt prefix computed once). Timed side
 by side in one process, interleaved, medians; tokens compared for equality.
 
-    .venv/bin/python bench/peer.py [--profile cpu] [--reps 3] [--tokens 32]
+    .venv/bin/python bench/peer.py [--profile cpu] [--reps 3] [--tokens 32] [--n-eval 64]
 """
 from __future__ import annotations
 
@@ -78,8 +78,9 @@ def main():
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=None)
+    ap.add_argument("--n-eval", type=int, default=None, help="eval prompts (default: the profile's)")
     args = ap.parse_args()
-    profile = H.load_profile(args.profile)
+    profile = H.load_profile(args.profile, {"n_eval": args.n_eval} if args.n_eval else None)
     tokens = args.tokens or profile.max_new_tokens
     profile = dataclasses.replace(profile, max_new_tokens=tokens)
     sets = H.prompt_sets(profile)
@@ -96,21 +97,21 @@ def main():
         t_call = compare(one, args.reps)
         same_call = one["project"]() == one["peer"]()
         units = [u for u in H.transfer_units(profile) if u[0] == target]
-        runs = iter(range(10 ** 6))
+        runs, outputs = iter(range(10 ** 6)), {}
 
-        def project_workload():
-            rows = H.generation_units(profile, tmp / f"units{next(runs)}", sets.eval, dirs, units)
-            return [r["completion"] for u in units for r in rows[u]]
+        def project_workload(prompts=sets.eval):
+            rows = H.generation_units(profile, tmp / f"units{next(runs)}", prompts, dirs, units)
+            outputs["project"] = [r["completion"] for u in units for r in rows[u]]
 
-        def peer_workload():
+        def peer_workload(prompts=sets.eval):
             out = []
             for _, source, layer in units:
                 d = None if source == H.NO_ABLATION else dirs[source][layer]
-                out += tok.batch_decode(peer_generate(model, tok, profile, sets.eval, d, tokens), skip_special_tokens=True)
-            return out
-        work = {"project": project_workload, "peer": peer_workload}
-        t_work = compare(work, max(1, args.reps - 1))
-        same_work = sum(a == b for a, b in zip(work["project"](), work["peer"]()))
+                out += tok.batch_decode(peer_generate(model, tok, profile, prompts, d, tokens), skip_special_tokens=True)
+            outputs["peer"] = out
+        small = {"project": lambda: project_workload(sets.eval[:2]), "peer": lambda: peer_workload(sets.eval[:2])}
+        t_work = compare({"project": project_workload, "peer": peer_workload}, max(1, args.reps - 1), warmup=small)
+        same_work = sum(a == b for a, b in zip(outputs["project"], outputs["peer"]))
     n_work = len(units) * len(sets.eval)
     print(table(["workload", "project", "peer style", "peer / project"], [
         [f"one call: {PEER_BATCH} prompts x {tokens} tokens, one direction", spread(t_call["project"]),
