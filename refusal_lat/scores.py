@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ConfigError, Profile, model_role_spec
+from .config import Profile
 from .models import pool
 from .models.load import model_fingerprint
 from .selection import subspace_refusal_log_odds
 from .store import VERSIONS, cached, encode_jsonl, read_jsonl, stable_hash, tensor_hash
-from .units import NO_ABLATION
+from .units import NO_ABLATION, unit_direction
 
 
 def score_path(run: Path, target: str, source: str, layer: int | None) -> Path:
@@ -37,12 +37,7 @@ def refusal_score_matrix(profile: Profile, run: Path, prompts: list[str], dirs_b
     for target in dict.fromkeys(t for t, _, _ in units):
         for unit in [u for u in units if u[0] == target]:
             _, source, layer = unit
-            if source != NO_ABLATION:
-                model_role_spec(profile, source)
-                if not 0 <= layer < dirs_by_role[source].shape[0]:
-                    raise ConfigError(f"model '{source}': layer {layer} out of range; it has block inputs "
-                                      f"0..{dirs_by_role[source].shape[0] - 1}")
-            direction = None if source == NO_ABLATION else dirs_by_role[source][layer]
+            direction = unit_direction(profile, dirs_by_role, source, layer)
 
             def compute(info, direction=direction):
                 model, tokenizer = pool.use_model(profile, target, profile.gen_dtype)

@@ -131,19 +131,16 @@ def second_component_tests(tables: list, n_boot: int = 1000, seed: int = 0, n_pe
     singular vector remove refusal the first leaves?) with basic bootstrap intervals over prompts and
     a paired sign-flip p-value (n_perm sign patterns); Holm over the models' top2 - top1 tests."""
     import pandas as pd
-    from .stats import holm, sign_flip_p
-    from .svd import bootstrap_indices, intervals
+    from .stats import holm, mean_interval, sign_flip_p, sign_patterns
+    from .svd import bootstrap_indices
     rows = []
     for t in tables:
         idx = bootstrap_indices(len(t), n_boot, seed)
-        signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_perm, len(t)))
         row = {"model": t.model.iloc[0], "layer": int(t.layer.iloc[0]), "n": len(t)}
         for name, diff in (("mean_diff", t.mean_diff - t.none), ("top1", t.top1 - t.none), ("top2", t.top2 - t.none),
                            ("top2_minus_top1", t.top2 - t.top1)):
-            y = diff.to_numpy(np.float64)
-            ci = intervals(y.mean(), y[idx].mean(1))
-            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = y.mean(), float(ci["basic_lo"]), float(ci["basic_hi"])
-        row["top2_minus_top1_p"] = sign_flip_p((t.top2 - t.top1).to_numpy(np.float64), signs)
+            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = mean_interval(diff.to_numpy(np.float64), idx)
+        row["top2_minus_top1_p"] = sign_flip_p((t.top2 - t.top1).to_numpy(np.float64), sign_patterns(len(t), n_perm, seed))
         rows.append(row)
     out = pd.DataFrame(rows)
     out["top2_minus_top1_p_holm"] = holm(out.top2_minus_top1_p)

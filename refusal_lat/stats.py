@@ -221,7 +221,7 @@ def log_odds_matrix(results: dict, n_boot: int = 1000, seed: int = 0, level: flo
     intervals and differences are paired by prompt."""
     import numpy as np
     import pandas as pd
-    from .svd import bootstrap_indices, intervals
+    from .svd import bootstrap_indices
     from .units import NO_ABLATION
     prompts = None
     scores = {}
@@ -235,7 +235,7 @@ def log_odds_matrix(results: dict, n_boot: int = 1000, seed: int = 0, level: flo
             raise ValueError(f"cell {target}<-{source} holds different prompts; paired intervals need the same ones")
         scores[(target, source)] = np.array([r["refusal_log_odds"] for r in records], np.float64)
     idx = bootstrap_indices(len(prompts), n_boot, seed)
-    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_perm, len(prompts)))
+    signs = sign_patterns(len(prompts), n_perm, seed)
     rows = []
     for (target, source), x in scores.items():
         row = {"target": target, "source": source, "n": len(x)}
@@ -243,8 +243,7 @@ def log_odds_matrix(results: dict, n_boot: int = 1000, seed: int = 0, level: flo
             if ref is not None and ref not in scores:
                 continue
             y = x if ref is None else x - scores[ref]
-            ci = intervals(y.mean(), y[idx].mean(1), level)
-            row[col], row[f"{col}_lo"], row[f"{col}_hi"] = y.mean(), float(ci["basic_lo"]), float(ci["basic_hi"])
+            row[col], row[f"{col}_lo"], row[f"{col}_hi"] = mean_interval(y, idx, level)
             if ref is not None and ref != (target, source):
                 row[f"{col}_p"] = sign_flip_p(y, signs)
         rows.append(row)
@@ -254,6 +253,20 @@ def log_odds_matrix(results: dict, n_boot: int = 1000, seed: int = 0, level: flo
             tested = out[col].notna()
             out.loc[tested, col + "_holm"] = holm(out.loc[tested, col])
     return out
+
+
+def mean_interval(y, idx, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, basic lo, basic hi) of per-prompt values `y` over the bootstrap resamples `idx` [n_boot, n]
+    (svd.bootstrap_indices); with y a paired difference this is a paired interval."""
+    from .svd import intervals
+    ci = intervals(y.mean(), y[idx].mean(1), level)
+    return float(y.mean()), float(ci["basic_lo"]), float(ci["basic_hi"])
+
+
+def sign_patterns(n: int, n_perm: int = 10000, seed: int = 0):
+    """[n_perm, n] random +-1 signs for sign_flip_p (one seeded set, shared by every test of a table)."""
+    import numpy as np
+    return np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_perm, n))
 
 
 def sign_flip_p(diffs, signs) -> float:

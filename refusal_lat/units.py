@@ -43,6 +43,18 @@ def unit_row(i: int, prompt: str, out: generation.Generation, k: int, log_odds: 
             "end_of_turn": out.end_of_turn[k], "crossed_end_of_turn": out.crossed[k], "refusal_log_odds": log_odds}
 
 
+def unit_direction(profile: Profile, dirs_by_role: dict, source: str, layer: int | None):
+    """The [d] direction a unit ablates: `source`'s at `layer`, None for NO_ABLATION; an unknown model
+    or a layer outside its block inputs is a one-line ConfigError."""
+    if source == NO_ABLATION:
+        return None
+    model_role_spec(profile, source)
+    n_layers = dirs_by_role[source].shape[0]
+    if not 0 <= layer < n_layers:
+        raise ConfigError(f"model '{source}': layer {layer} out of range; it has block inputs 0..{n_layers - 1}")
+    return dirs_by_role[source][layer]
+
+
 def unit_groups(pending: list, n_prompts: int, batch_size: int) -> list[list]:
     """Split one model's pending units into as few generation batches as batch_size allows, of even
     size: on a CPU a 320-row batch decodes about 1.4x faster per row than a 64-row one (BENCHMARKS.md).
@@ -63,12 +75,7 @@ def generation_units(profile: Profile, run: Path, prompts: list[str], dirs_by_ro
     results, todo = {}, {}
     for target, source, layer in units:
         model_role_spec(profile, target)
-        if source != NO_ABLATION:
-            model_role_spec(profile, source)
-            n_layers = dirs_by_role[source].shape[0]
-            if not 0 <= layer < n_layers:
-                raise ConfigError(f"model '{source}': layer {layer} out of range; it has block inputs 0..{n_layers - 1}")
-        direction = None if source == NO_ABLATION else dirs_by_role[source][layer]
+        direction = unit_direction(profile, dirs_by_role, source, layer)
         key = unit_key(profile, target, source, layer, direction, prompts, stop_at_eos)
         path = unit_path(run, target, source, layer, kind)
         rows = fresh(path, key, read_jsonl)
