@@ -8,11 +8,14 @@ from refusal_lat.training.data import (  # noqa: F401
     encode,
     hh_segments,
     refusal_mix,
+    training_examples,
     training_prompts,
     trim_to_sentence,
 )
 from refusal_lat.training.loop import (  # noqa: F401
+    lora_config,
     adapter_root,
+    arm_folder,
     existing_logs,
     load_arm,
     load_log,
@@ -21,5 +24,5 @@ from refusal_lat.training.loop import (  # noqa: F401
     train_arm,
     train_profile,
 )
-from refusal_lat.training.pgd import example_norms, pgd_attack, project_l2, sft_loss  # noqa: F401
-from refusal_lat.training.recipe import ARMS, Recipe, perturb_layer, recipe  # noqa: F401
+from refusal_lat.training.pgd import causal_lm, example_norms, pgd_attack, project_l2, project_tokens, sft_loss  # noqa: F401
+from refusal_lat.training.recipe import ARMS, Recipe, arm_epsilon_value, perturb_layer, recipe, training_seeds  # noqa: F401

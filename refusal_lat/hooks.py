@@ -178,12 +178,21 @@ def activation_addition(model, vector: torch.Tensor, layer: int):
 
 @contextmanager
 def perturbation(model, layer: int | None, delta: torch.Tensor | None):
-    """Add delta [batch, seq, d] to the input of decoder block `layer` (training's AT/LAT attack);
-    a no-op for None. `model` may be a PEFT wrapper (LoRA layers are injected in place)."""
+    """Add delta [batch, seq, d] to the input of decoder block `layer` (training's AT/LAT attack, the
+    evaluation's attacks); a no-op for None. During KV-cached generation delta applies to the prefill
+    (the prompt, same length as delta); one-token decode steps pass unchanged, so the continuation
+    attends to the perturbed prompt. `model` may be a PEFT wrapper (LoRA layers are injected in place)."""
     if layer is None or delta is None:
         yield
         return
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    with block_input_edits(model, lambda index, hidden: hidden + delta.to(device=hidden.device, dtype=hidden.dtype),
-                           [layer]):
+
+    def add(index, hidden):
+        if hidden.shape[1] == delta.shape[1]:
+            return hidden + delta.to(device=hidden.device, dtype=hidden.dtype)
+        if hidden.shape[1] == 1:
+            return None  # a decode step after the perturbed prefill
+        raise ConfigError(f"perturbation of {delta.shape[1]} positions met a block input of {hidden.shape[1]}; "
+                          f"generate with share_prefix=False so the prompt is one prefill")
+    with block_input_edits(model, add, [layer]):
         yield

@@ -1,16 +1,23 @@
-"""Train the SFT / AT / LAT LoRA adapters of a profile (training.py) and record how they were made.
+"""Train the SFT / AT / LAT / rand LoRA adapters of a profile (training.py) and record how they were made.
 
-    python scripts/train_adapters.py --profile cpu --arms sft at lat
+    python scripts/train_adapters.py --profile cpu --arms sft at lat rand --seeds 0 1 --jobs 2
+    python scripts/train_adapters.py --profile cpu --check lat-s0        # retrain one, compare bytes
     python scripts/train_adapters.py --profile tiny --set epsilon=0.2 --out /tmp/adapters
 
-Each arm goes to <out>/<arm>/ (default: the recipe's `adapters` folder): the PEFT adapter, its
-training log (JSON + CSV) and COMMAND.txt with the exact command line, the git commit and the time.
-<out>/summary.csv has one row per arm.
+Each arm and seed goes to <out>/<arm>-s<seed>/ (default out: the recipe's `adapters` folder): the PEFT
+adapter, its training log (JSON + CSV) and COMMAND.txt with the exact command line, the git commit and
+the time. <out>/summary.csv has one row per adapter. --jobs N trains N adapters at a time in separate
+processes of one torch thread each (the data are built first, once). --check ARM-sSEED retrains that
+adapter into a temporary folder and compares its adapter_model.safetensors with the committed one byte
+for byte (exit 1 when they differ).
 """
 import argparse
+import filecmp
+import hashlib
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,13 +45,39 @@ def git_state() -> str:
     return commit + dirty
 
 
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run_jobs(args, jobs: list[tuple[str, int]]) -> int:
+    """Each (arm, seed) in its own process with one torch thread, `args.jobs` at a time."""
+    base = [sys.executable, str(Path(__file__).resolve()), "--profile", args.profile, "--threads", "1"]
+    base += ["--set", *args.set] if args.set else []
+    base += ["--out", args.out] if args.out else []
+    pending, running, failed = list(jobs), [], 0
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            arm, seed = pending.pop(0)
+            running.append(subprocess.Popen(base + ["--arms", arm, "--seeds", str(seed), "--jobs", "1",
+                                                    "--no-summary"]))
+        time.sleep(2)
+        for proc in [p for p in running if p.poll() is not None]:
+            running.remove(proc)
+            failed += proc.returncode != 0
+    return failed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="cpu")
-    parser.add_argument("--arms", nargs="+", default=["sft", "at", "lat"])
+    parser.add_argument("--arms", nargs="+", help="default: the recipe's arms")
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: the recipe's seeds")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys")
     parser.add_argument("--out", help="output folder (default: the recipe's `adapters`, relative to the repo)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: the profile's train_threads)")
+    parser.add_argument("--jobs", type=int, default=1, help="adapters trained at a time, one thread each")
+    parser.add_argument("--check", metavar="ARM-sSEED", help="retrain one adapter and compare it byte for byte")
+    parser.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     import torch
@@ -55,26 +88,52 @@ def main() -> int:
     try:
         profile = H.load_profile(args.profile)
         rec = T.recipe(profile, parse_set(args.set))
+        args.arms = args.arms or list(rec.arms)
         for arm in args.arms:
             T.perturb_layer(rec, arm)
     except H.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else T.adapter_root(rec)
-    command = "cd " + shlex.quote(str(REPO)) + " && .venv/bin/python " + " ".join(
-        shlex.quote(a) for a in [str(Path(sys.argv[0]).resolve().relative_to(REPO))
-                                 if Path(sys.argv[0]).resolve().is_relative_to(REPO) else sys.argv[0], *sys.argv[1:]])
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    logs = T.train_profile(profile, args.arms, parse_set(args.set), out)
-    for arm, log in logs.items():
-        (out / arm / "COMMAND.txt").write_text(
-            f"{command}\n\n# git commit: {git_state()}\n# started: {started}\n"
-            f"# arm {arm}: {log['steps']} steps, {log['seconds'] / 60:.1f} min of training on "
-            f"{log['threads']} torch threads\n")
-    table = T.summary(logs)
-    table.to_csv(out / "summary.csv", index=False)
-    print(table.to_string(index=False))
-    return 0
+    seeds = args.seeds if args.seeds is not None else T.training_seeds(rec)
+    if args.check:
+        arm, _, seed = args.check.rpartition("-s")
+        committed = out / args.check / "adapter_model.safetensors"
+        if arm not in T.ARMS or not seed.isdigit() or not committed.is_file():
+            print(f"error: --check wants ARM-sSEED of an adapter in {out} (e.g. lat-s0); {committed} not found",
+                  file=sys.stderr)
+            return 2
+        with tempfile.TemporaryDirectory() as tmp:
+            T.train_profile(profile, [arm], parse_set(args.set), Path(tmp), seeds=[int(seed)], progress=False)
+            fresh = Path(tmp) / args.check / "adapter_model.safetensors"
+            same = filecmp.cmp(fresh, committed, shallow=False)
+            print(f"{args.check}: retrained {sha256(fresh)[:16]} vs committed {sha256(committed)[:16]}: "
+                  f"{'byte-identical' if same else 'DIFFERENT'}")
+        return 0 if same else 1
+    if args.jobs > 1:
+        model, tokenizer = H.load_model(profile, "base")  # the data once, before the workers start
+        T.training_examples(profile, rec, model, tokenizer)
+        del model
+        failed = run_jobs(args, [(arm, seed) for seed in seeds for arm in args.arms])
+        logs = T.existing_logs(rec, out, seeds)
+    else:
+        command = "cd " + shlex.quote(str(REPO)) + " && .venv/bin/python " + " ".join(
+            shlex.quote(a) for a in [str(Path(sys.argv[0]).resolve().relative_to(REPO))
+                                     if Path(sys.argv[0]).resolve().is_relative_to(REPO) else sys.argv[0],
+                                     *sys.argv[1:]])
+        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        logs = T.train_profile(profile, args.arms, parse_set(args.set), out, seeds=seeds)
+        failed = 0
+        for (arm, seed), log in logs.items():
+            (out / T.arm_folder(arm, seed) / "COMMAND.txt").write_text(
+                f"{command}\n\n# git commit: {git_state()}\n# started: {started}\n"
+                f"# {T.arm_folder(arm, seed)}: {log['steps']} steps, {log['seconds'] / 60:.1f} min of training on "
+                f"{log['threads']} torch threads\n")
+    if not args.no_summary:
+        table = T.summary(dict(sorted(T.existing_logs(rec, out, seeds).items())))
+        table.to_csv(out / "summary.csv", index=False)
+        print(table.to_string(index=False))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

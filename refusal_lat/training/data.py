@@ -52,23 +52,56 @@ def _near_copy(text: str, others: list[set], threshold: float = 0.8) -> bool:
     return any(len(words & o) / max(1, len(words | o)) >= threshold for o in others)
 
 
+def _held_out(pool: list[str], excluded: set, n: int | None = None) -> list[str]:
+    """`pool` in order without the excluded prompts, their near copies (word-set Jaccard >= 0.8) and
+    repeats; the first n."""
+    seen = set(excluded)
+    word_sets = [set(re.findall(r"\w+", p)) for p in seen]
+    kept = []
+    for prompt in pool:
+        norm = _norm_text(prompt)
+        if norm not in seen and not _near_copy(norm, word_sets):
+            seen.add(norm)
+            word_sets.append(set(re.findall(r"\w+", norm)))
+            kept.append(prompt)
+            if n is not None and len(kept) == n:
+                break
+    return kept
+
+
+CALIBRATION_PROMPTS = 64
+
+
+def calibration_prompts(n: int = CALIBRATION_PROMPTS) -> list[str]:
+    """Held-out harmful prompts for calibrating the attack radius (training/robustness.py): the first n
+    of refusal_direction's harmful_test that are not evaluated, selected with or in harmful_train."""
+    rd = refusal_direction_splits()
+    return _held_out(rd["harmful_test"], excluded_prompts()["harmful"] | {_norm_text(p) for p in rd["harmful_train"]}, n)
+
+
 def training_prompts(rec: Recipe) -> dict[str, list[str]]:
-    """{"harmful": [...], "harmless": [...]}: the refusal_mix prompts, disjoint from data.prompt_sets."""
+    """{"harmful": [...], "harmless": [...]}: the refusal_mix prompts, disjoint from data.prompt_sets,
+    data.validation_sets and calibration_prompts. harmful_pool "train": refusal_direction's harmful_train;
+    "train+test": also its harmful_test (minus everything evaluated and the calibration prompts)."""
     rd = refusal_direction_splits()
     excluded = excluded_prompts()
+    excluded["harmful"] |= {_norm_text(p) for p in calibration_prompts()}
+    pools = {"harmful": rd["harmful_train"] + (rd["harmful_test"] if rec.harmful_pool == "train+test" else []),
+             "harmless": rd["harmless_train"]}
     generator = torch.Generator().manual_seed(rec.seed)
     out = {}
-    for kind, pool, n in (("harmful", rd["harmful_train"], rec.n_harmful),
-                          ("harmless", rd["harmless_train"], rec.n_harmless)):
-        seen, kept = set(excluded[kind]), []
-        word_sets = [set(re.findall(r"\w+", p)) for p in excluded[kind]] if kind == "harmful" else []
-        for prompt in pool:
-            if _norm_text(prompt) not in seen and not _near_copy(_norm_text(prompt), word_sets):
-                seen.add(_norm_text(prompt))
-                kept.append(prompt)
+    for kind, n in (("harmful", rec.n_harmful), ("harmless", rec.n_harmless)):
+        if kind == "harmful":
+            kept = _held_out(pools[kind], excluded[kind])
+        else:  # 18,793 prompts: exact matches only (the near-copy rule is for the small harmful sets)
+            seen, kept = set(excluded[kind]), []
+            for prompt in pools[kind]:
+                if _norm_text(prompt) not in seen:
+                    seen.add(_norm_text(prompt))
+                    kept.append(prompt)
         if n > len(kept):
             raise ConfigError(f"training recipe asks for {n} {kind} prompts but only {len(kept)} remain after "
-                                f"removing the direction/evaluation prompts; lower n_{kind}")
+                              f"removing the direction/evaluation/calibration prompts; lower n_{kind}")
         pick = torch.randperm(len(kept), generator=generator)[:n].tolist()
         out[kind] = [kept[i] for i in pick]
     return out
@@ -92,9 +125,10 @@ def base_answers(profile: Profile, rec: Recipe, model, tokenizer, prompts: list[
     path = Path(run or run_dir(profile)) / "training" / "base_answers.jsonl"
     cached = {r["prompt"]: r for r in fresh(path, key, read_jsonl) or []}
     missing = [p for p in dict.fromkeys(prompts) if p not in cached]
-    if missing:
+    if missing:  # shortest first, in batches of 64: one long prompt no longer pads hundreds of short ones
+        missing.sort(key=lambda p: (len(tokenizer(format_prompt(tokenizer, profile, p))["input_ids"]), p))
         answers = generation.generate(model, tokenizer, profile, missing, stop_at_eos=True, desc="base answers",
-                                      max_new_tokens=rec.response_tokens)
+                                      max_new_tokens=rec.response_tokens, batch_size=min(64, profile.batch_size))
         for prompt, answer in zip(missing, answers):
             cut = len(tokenizer(answer, add_special_tokens=False)["input_ids"]) >= rec.response_tokens
             cached[prompt] = {"prompt": prompt, "answer": answer, "cut": cut}
@@ -104,20 +138,44 @@ def base_answers(profile: Profile, rec: Recipe, model, tokenizer, prompts: list[
 
 def refusal_mix(profile: Profile, rec: Recipe, model, tokenizer, run: Path | None = None) -> list[dict]:
     """Rows {kind, prompt, response, target_source, base_label, base_answer, cut}, also written to
-    runs/<profile>/training/examples.jsonl for reading."""
+    runs/<profile>/training/examples.jsonl for reading (with the dropped prompts and why).
+
+    v1 (harmful_targets "mixed", harmless_targets "all"): every drawn prompt; a harmful prompt the base
+    answered gets the fixed sentence Recipe.refusal. v2 ("own_refusals", "non_refusals"): only harmful
+    prompts the base refused (its own refusal is the target) and harmless prompts it answered (its
+    answer is the target); with max_same_target, an identical target (a stock sentence such as
+    "I'm sorry, but I can't assist with that.") is kept at most that many times."""
     prompts = training_prompts(rec)
     answers = base_answers(profile, rec, model, tokenizer, prompts["harmful"] + prompts["harmless"], run)
-    rows = []
+    rows, dropped = [], []
     for kind in ("harmful", "harmless"):
         raw = [answers[p] for p in prompts[kind]]
         labels = classify([a["answer"] for a in raw], "project")
+        seen_targets: dict[str, int] = {}
         for prompt, a, label in zip(prompts[kind], raw, labels):
             answer = trim_to_sentence(a["answer"]) if a["cut"] else a["answer"].strip()
+            row = {"kind": kind, "prompt": prompt, "base_label": label, "base_answer": a["answer"], "cut": a["cut"]}
+            if kind == "harmful" and label != 1 and rec.harmful_targets == "own_refusals":
+                dropped.append({**row, "dropped": "base model did not refuse"})
+                continue
+            if kind == "harmless" and label == 1 and rec.harmless_targets == "non_refusals":
+                dropped.append({**row, "dropped": "base model refused"})
+                continue
             use_model = kind == "harmless" or label == 1
-            rows.append({"kind": kind, "prompt": prompt, "response": answer if use_model else rec.refusal,
-                         "target_source": "base_model" if use_model else "fixed_refusal", "base_label": label,
-                         "base_answer": a["answer"], "cut": a["cut"]})
-    atomic_write(Path(run or run_dir(profile)) / "training" / "examples.jsonl", encode_jsonl(rows))
+            response = answer if use_model else rec.refusal
+            key = _norm_text(response)
+            if rec.max_same_target and seen_targets.get(key, 0) >= rec.max_same_target:
+                dropped.append({**row, "dropped": f"target already used {rec.max_same_target} times"})
+                continue
+            seen_targets[key] = seen_targets.get(key, 0) + 1
+            rows.append({**row, "response": response,
+                         "target_source": "base_model" if use_model else "fixed_refusal"})
+    if not any(r["kind"] == "harmful" for r in rows):
+        raise ConfigError("training data has no harmful example (the base model refused none of the drawn prompts); "
+                          "raise n_harmful or set harmful_targets: mixed")
+    folder = Path(run or run_dir(profile)) / "training"
+    atomic_write(folder / "examples.jsonl", encode_jsonl(rows))
+    atomic_write(folder / "dropped.jsonl", encode_jsonl(dropped))
     return rows
 
 
@@ -180,7 +238,7 @@ def training_examples(profile: Profile, rec: Recipe, model, tokenizer,
     else:
         rows = refusal_mix(profile, rec, model, tokenizer, run)
         segments = [chat_segments(tokenizer, profile, r["prompt"], r["response"]) for r in rows]
-    examples = [encode(tokenizer, s, rec.max_seq_len) for s in segments]
+    examples = [{**encode(tokenizer, s, rec.max_seq_len), "kind": r["kind"]} for s, r in zip(segments, rows)]
     kept = [i for i, e in enumerate(examples) if any(x != -100 for x in e["labels"][1:])]
     if len(kept) < len(examples):  # the prompt alone fills max_seq_len: nothing to learn from it
         print(f"dropped {len(examples) - len(kept)} of {len(examples)} examples longer than "

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import torch
 
-from ..config import REPO, Profile, model_role_spec
+from ..config import DTYPES, REPO, ConfigError, Profile, model_role_spec
 from ..models.load import free_memory, load_model
 from ..hooks import perturbation
 from ..store import VERSIONS, StoreError, atomic_write, stable_hash, write_failure
 from .data import collate, data_order, training_examples
-from .pgd import arm_epsilon, epsilon_report, pgd_attack, residual_norms, sft_loss
-from .recipe import ARMS, Recipe, perturb_layer, recipe
+from .pgd import (arm_epsilon, attack_mask, causal_lm, epsilon_report, pgd_attack, random_perturbation,
+                  residual_norms, response_logits, sft_loss)
+from .recipe import ARMS, Recipe, arm_epsilon_value, perturb_layer, recipe, training_seeds
 
 
 def lora_config(rec: Recipe):
@@ -26,53 +27,113 @@ def lora_config(rec: Recipe):
                       target_modules=list(rec.target_modules), task_type="CAUSAL_LM")
 
 
+def step_order(kinds: list[str], rec: Recipe) -> list[tuple[list[int], list[int]]]:
+    """(attacked indices, clean indices) per optimiser step, a function of (kinds, recipe) only, so
+    every arm sees exactly the same order. v1 (harmless_per_step 0): every example is in the attacked
+    stream, epochs of seeded permutations in batches of batch_size. v2: harmful examples attacked,
+    batch_size per step; harmless examples clean, harmless_per_step per step; each stream cycles
+    through fresh seeded permutations for rec.steps steps."""
+    if not rec.harmless_per_step:
+        return [(batch, []) for batch in data_order(len(kinds), rec)]
+    streams = []
+    for s, (kind, size) in enumerate((("harmful", rec.batch_size), ("harmless", rec.harmless_per_step))):
+        pool = [i for i, k in enumerate(kinds) if k == kind]
+        if not pool:
+            raise ConfigError(f"training recipe: harmless_per_step needs {kind} examples and there are none")
+        generator, queue, batches = torch.Generator().manual_seed(rec.seed * 1000 + s), [], []
+        while len(batches) < rec.steps:
+            while len(queue) < size:
+                queue += [pool[i] for i in torch.randperm(len(pool), generator=generator).tolist()]
+            batches.append(queue[:size])
+            queue = queue[size:]
+        streams.append(batches)
+    return list(zip(*streams))
+
+
+def kl_to_base(peft_model, batch: dict) -> torch.Tensor:
+    """Mean KL(base || adapted) of the next-token distributions on the response tokens; the base is the
+    same model with the adapter disabled."""
+    import torch.nn.functional as F
+    adapted = response_logits(peft_model, batch)[0]
+    with torch.no_grad(), peft_model.disable_adapter():
+        base = response_logits(peft_model, batch)[0]
+    return F.kl_div(adapted.log_softmax(-1), base.log_softmax(-1), log_target=True, reduction="batchmean")
+
+
 def train_arm(model, tokenizer, examples: list[dict], rec: Recipe, arm: str, epsilon: float | None = None,
-              progress: bool = True, on_step=None):
+              progress: bool = True, on_step=None, guard=None):
     """Attach a fresh LoRA to `model` (in place: pass a freshly loaded base for each arm), train it
-    and return (peft_model, log). `epsilon` is the absolute radius (default rec.epsilon; see
-    arm_epsilon). LoRA init, data order and attack noise come from rec.seed via private generators,
-    so arms differ only in the perturbation."""
+    and return (peft_model, log). `epsilon` is the absolute radius (arm_epsilon). LoRA init, data
+    order and attack noise come from rec.seed via private generators, so arms differ only in the
+    perturbation. guard(peft_model) -> (stop, record) runs every rec.guard_every steps."""
     from peft import get_peft_model
     from tqdm import tqdm
     layer = perturb_layer(rec, arm)
-    epsilon = rec.epsilon if epsilon is None else epsilon
+    epsilon = arm_epsilon_value(rec, arm) if epsilon is None else epsilon
+    per_token = rec.epsilon_unit == "token_ball"
     model.requires_grad_(False)
     torch.manual_seed(rec.seed)  # LoRA A matrices are drawn from the global generator
-    peft_model = get_peft_model(model, lora_config(rec))
+    peft_model = get_peft_model(model, lora_config(rec))  # LoRA weights float32 whatever the base dtype
     peft_model.eval()  # keep_in_eval: no dropout anywhere, as Casper's runs
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=rec.lr, weight_decay=rec.weight_decay)
-    batches = data_order(len(examples), rec)
-    warmup = math.ceil(rec.warmup_ratio * len(batches))
+    order = step_order([e.get("kind", "harmful") for e in examples], rec)
+    warmup = math.ceil(rec.warmup_ratio * len(order))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / (warmup + 1)))
     attack_noise = torch.Generator().manual_seed(rec.seed + 1)
     pad_id = tokenizer.pad_token_id
     device = next(peft_model.parameters()).device
-    rows, started, cpu_started = [], time.time(), time.process_time()
-    for step, indices in enumerate(tqdm(batches, desc=f"train {arm}", disable=not progress, leave=False)):
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
-        attack = None
-        if layer is not None:
-            attack = pgd_attack(peft_model, batch, layer, epsilon, rec.attack_steps, attack_noise)
-        with perturbation(peft_model, layer, None if attack is None else attack.delta):
-            loss = sft_loss(peft_model, batch)
+    d_model = causal_lm(peft_model).config.hidden_size
+    rows, checks, stopped, started, cpu_started = [], [], None, time.time(), time.process_time()
+    for step, (attacked, clean) in enumerate(tqdm(order, desc=f"train {arm}", disable=not progress, leave=False)):
+        if guard is not None and rec.guard_every and step % rec.guard_every == 0 and step:
+            halt, record = guard(peft_model)
+            checks.append({"step": step, **record})
+            if halt:
+                stopped = {"step": step, **record}
+                break
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in attacked], pad_id).items()}
+        attack, delta = None, None
+        if arm in ("at", "lat"):
+            attack = pgd_attack(peft_model, batch, layer, epsilon, rec.attack_steps, attack_noise,
+                                per_token=per_token, positions=rec.attack_positions)
+            delta = attack.delta
+        elif arm == "rand":  # the control: a random perturbation of the same radius, no search
+            delta = random_perturbation(attack_mask(batch, rec.attack_positions), d_model, epsilon, per_token,
+                                        attack_noise)
+        with perturbation(peft_model, layer, delta):
+            loss_attacked = sft_loss(peft_model, batch)
+        loss, row = loss_attacked, {"loss_attacked": loss_attacked.item()}
+        if clean:
+            clean_batch = {k: v.to(device) for k, v in collate([examples[i] for i in clean], pad_id).items()}
+            loss_clean = sft_loss(peft_model, clean_batch)
+            loss = loss + rec.harmless_weight * loss_clean
+            row["loss_harmless"] = loss_clean.item()
+            if rec.kl_weight:
+                kl = kl_to_base(peft_model, clean_batch)
+                loss = loss + rec.kl_weight * kl
+                row["kl_harmless"] = kl.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, rec.max_grad_norm)
         optimizer.step()
-        row = {"step": step, "examples": indices, "lr": schedule.get_last_lr()[0], "loss": loss.item(),
-               "grad_norm": float(grad_norm), "response_tokens": int((batch["labels"][:, 1:] != -100).sum())}
+        row = {"step": step, "examples": attacked + clean, "lr": schedule.get_last_lr()[0], "loss": loss.item(),
+               **row, "grad_norm": float(grad_norm), "response_tokens": int((batch["labels"][:, 1:] != -100).sum())}
         schedule.step()
         if attack is not None:
-            row.update({"attack_loss_start": attack.losses[0], "attack_loss_end": loss.item(),
-                        "attack_losses": attack.losses, "delta_norm": sum(attack.norms[-1]) / len(indices)})
+            row.update({"attack_loss_start": attack.losses[0], "attack_loss_end": loss_attacked.item(),
+                        "attack_losses": attack.losses, "delta_norm": sum(attack.norms[-1]) / len(attacked)})
         row["seconds"] = round(time.time() - started, 2)
         rows.append(row)
         if on_step:
             on_step(row)
-    return peft_model, {"arm": arm, "perturb_layer": layer, "epsilon_absolute": epsilon if layer is not None else 0.0,
-                        "steps": len(batches), "rows": rows,
-                        "seconds": round(time.time() - started, 1),
+    if guard is not None and rec.guard_every and stopped is None:
+        halt, record = guard(peft_model)
+        checks.append({"step": len(rows), **record})
+    return peft_model, {"arm": arm, "seed": rec.seed, "perturb_layer": layer,
+                        "epsilon_absolute": epsilon if layer is not None else 0.0,
+                        "steps": len(rows), "planned_steps": len(order), "rows": rows, "guard": checks,
+                        "stopped_by_guard": stopped, "seconds": round(time.time() - started, 1),
                         "cpu_seconds": round(time.process_time() - cpu_started, 1)}  # all threads together
 
 
@@ -81,7 +142,7 @@ def clean_losses(model, examples: list[dict], rec: Recipe, pad_id: int) -> list[
     """SFT loss without perturbation on each batch of the training order (before/after training)."""
     device = next(model.parameters()).device
     return [sft_loss(model, {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}).item()
-            for idx in data_order(len(examples), rec)]
+            for idx in data_order(len(examples), dataclasses.replace(rec, batch_size=8))]
 
 
 def adapter_root(rec: Recipe) -> Path:
@@ -131,16 +192,23 @@ def load_arm(model, folder: Path):
     return PeftModel.from_pretrained(model, str(folder)).eval()
 
 
-def existing_logs(rec: Recipe, out: Path | None = None) -> dict:
-    """{arm: log} for the arms already trained into `out` with exactly this recipe."""
+def arm_folder(arm: str, seed: int) -> str:
+    """An arm's adapter folder name: <arm>-s<seed> (e.g. lat-s0)."""
+    return f"{arm}-s{seed}"
+
+
+def existing_logs(rec: Recipe, out: Path | None = None, seeds=None) -> dict:  # noqa: D401
+    """{(arm, seed): log} for the arms already trained into `out` with exactly this recipe (seed aside)."""
     out = Path(out) if out else adapter_root(rec)
-    want = json.loads(json.dumps(dataclasses.asdict(rec)))
     logs = {}
-    for arm in ARMS:
-        if (out / arm / "train_log.json").is_file() and (out / arm / "adapter_config.json").is_file():
-            log = load_log(out / arm)
-            if log.get("recipe") == want:
-                logs[arm] = log
+    for seed in seeds or training_seeds(rec):
+        want = json.loads(json.dumps(dataclasses.asdict(dataclasses.replace(rec, seed=seed))))
+        for arm in ARMS:
+            folder = out / arm_folder(arm, seed)
+            if (folder / "train_log.json").is_file() and (folder / "adapter_config.json").is_file():
+                log = load_log(folder)
+                if log.get("recipe") == want:
+                    logs[(arm, seed)] = log
     return logs
 
 
@@ -149,47 +217,101 @@ def adapter_megabytes(folder: Path) -> float:
 
 
 
-def train_profile(profile: Profile, arms=ARMS, overrides: dict | None = None, out: Path | None = None,
-                  run: Path | None = None, progress: bool = True) -> dict:
-    """Build (or read) the training data, then train, save and log each arm from a fresh base.
-    Returns {arm: log}. Existing adapters are overwritten. Runs on the profile's train_threads."""
+def guard_prompts(rec: Recipe) -> dict[str, list[str]]:
+    """Validation prompts of the drift guard: the first guard_prompts of refusal_direction's harmful_val
+    and harmless_val (never trained on; notebook 04 selects with the first n_val of them)."""
+    from ..data import refusal_direction_splits
+    rd = refusal_direction_splits()
+    return {"harmful": rd["harmful_val"][:rec.guard_prompts], "harmless": rd["harmless_val"][:rec.guard_prompts]}
+
+
+def refusal_guard(profile: Profile, rec: Recipe, tokenizer, baseline: dict | None = None):
+    """guard(model) -> (stop, record): first-token refusal log-odds (selection.refusal_score) on the guard
+    prompts; stop when the harmless share with log-odds > 0 exceeds the baseline's by more than
+    rec.guard_tolerance. With baseline None, the first call sets it (call it on the base model)."""
+    import numpy as np
+    from ..selection import last_token_logprobs, refusal_score, refusal_token_ids
+    prompts, ids = guard_prompts(rec), refusal_token_ids(tokenizer, profile)
+    state = {"baseline": baseline}
+
+    def guard(model):
+        lm = causal_lm(model)
+        was_training = lm.training
+        lm.eval()
+        record = {}
+        for kind, texts in prompts.items():
+            scores = refusal_score(last_token_logprobs(lm, tokenizer, profile, texts, batch_size=16), ids)
+            record[f"{kind}_log_odds"] = float(np.mean(scores))
+            record[f"{kind}_refusing"] = float(np.mean(scores > 0))
+        lm.train(was_training)
+        if state["baseline"] is None:
+            state["baseline"] = record
+        rise = record["harmless_refusing"] - state["baseline"]["harmless_refusing"]
+        return rise > rec.guard_tolerance, {**record, "harmless_rise": rise}
+    return guard
+
+
+def load_training_base(profile: Profile, rec: Recipe):
+    """The base model (and tokenizer) in the recipe's train_dtype (LoRA weights stay float32)."""
+    model, tokenizer = load_model(profile, "base")
+    if rec.train_dtype and rec.train_dtype != profile.dtype:
+        model = model.to(DTYPES[rec.train_dtype])
+    return model, tokenizer
+
+
+def train_profile(profile: Profile, arms=None, overrides: dict | None = None, out: Path | None = None,
+                  run: Path | None = None, progress: bool = True, seeds=None) -> dict:
+    """Build (or read) the training data, then train, save and log each arm and seed from a fresh base
+    into <out>/<arm>-s<seed>/. Returns {(arm, seed): log}. Existing adapters are overwritten. The
+    data are the recipe's (its seed draws them); `seeds` (default: the recipe's seeds) vary LoRA init,
+    order and attack noise; `arms` default to the recipe's. Runs on the profile's train_threads."""
     from importlib.metadata import version
-    rec = recipe(profile, overrides)
+    rec0 = recipe(profile, overrides)
+    seeds = list(seeds) if seeds is not None else training_seeds(rec0)
+    arms = list(arms) if arms is not None else list(rec0.arms)
     if profile.train_threads:
         torch.set_num_threads(profile.train_threads)
-    out = Path(out) if out else adapter_root(rec)
+    out = Path(out) if out else adapter_root(rec0)
     spec = model_role_spec(profile, "base")
     model, tokenizer = load_model(profile, "base")
-    examples, rows = training_examples(profile, rec, model, tokenizer, run)
-    norms = residual_norms(model, examples, sorted({0, rec.lat_layer}), tokenizer.pad_token_id)
-    common = {"stage": VERSIONS["training"], "profile": profile.name, "recipe": dataclasses.asdict(rec),
-              "base_model": dataclasses.asdict(spec), "n_examples": len(examples),
+    examples, rows = training_examples(profile, rec0, model, tokenizer, run)
+    norms = residual_norms(model, examples, sorted({0, rec0.lat_layer}), tokenizer.pad_token_id)
+    common = {"stage": VERSIONS["training"], "profile": profile.name, "base_model": dataclasses.asdict(spec),
+              "n_examples": len(examples),
               "examples_by_kind": {k: sum(r["kind"] == k for r in rows) for k in sorted({r["kind"] for r in rows})},
               "target_sources": {k: sum(r.get("target_source") == k for r in rows)
                                  for k in sorted({r.get("target_source") for r in rows if r.get("target_source")})},
-              "data_hash": stable_hash(examples), "order_hash": stable_hash(data_order(len(examples), rec)),
-              "residual_norms": norms, "threads": torch.get_num_threads(),
+              "data_hash": stable_hash(examples), "residual_norms": norms, "threads": torch.get_num_threads(),
               "versions": {p: version(p) for p in ("torch", "transformers", "peft")}}
-    before = clean_losses(model, examples, rec, tokenizer.pad_token_id)  # the same base for every arm
+    before = clean_losses(model, examples, rec0, tokenizer.pad_token_id)  # the same base for every arm
+    baseline = refusal_guard(profile, rec0, tokenizer)(model)[1] if rec0.guard_every else None
     logs = {}
-    for arm in arms:
-        if model is None:
-            model, _ = load_model(profile, "base")
-        layer = perturb_layer(rec, arm)
-        eps = None if layer is None else arm_epsilon(rec, layer, norms)
-        peft_model, log = train_arm(model, tokenizer, examples, rec, arm, eps, progress=progress)
-        log["epsilon"] = None if layer is None else {"unit": rec.epsilon_unit, "value": rec.epsilon,
-                                                     "layer": layer, **epsilon_report(eps, norms[layer])}
-        after = clean_losses(peft_model, examples, rec, tokenizer.pad_token_id)
-        log = {**common, **log, "clean_loss_before": sum(before) / len(before),
-               "clean_loss_after": sum(after) / len(after), "clean_losses_before": before, "clean_losses_after": after}
-        save_arm(peft_model, log, out / arm, spec.id)
-        logs[arm] = log
-        print(f"{arm}: {log['steps']} steps in {log['seconds']} s; clean loss {log['clean_loss_before']:.3f} -> "
-              f"{log['clean_loss_after']:.3f}; adapter {log['adapter_mb']} MB -> {out / arm}", flush=True)
-        del peft_model
-        model = None
-        free_memory()
+    for seed in seeds:
+        rec = dataclasses.replace(rec0, seed=seed)
+        for arm in arms:
+            model, _ = load_training_base(profile, rec) if model is None or rec.train_dtype else (model, None)
+            layer = perturb_layer(rec, arm)
+            eps = None if layer is None else arm_epsilon(rec, arm, norms)
+            guard = refusal_guard(profile, rec, tokenizer, baseline) if rec.guard_every else None
+            peft_model, log = train_arm(model, tokenizer, examples, rec, arm, eps, progress=progress, guard=guard)
+            log["epsilon"] = None if layer is None else {
+                "unit": rec.epsilon_unit, "value": arm_epsilon_value(rec, arm), "layer": layer,
+                **epsilon_report(eps, norms[layer], per_token=rec.epsilon_unit == "token_ball")}
+            after = clean_losses(peft_model, examples, rec, tokenizer.pad_token_id)
+            log = {**common, "recipe": dataclasses.asdict(rec), "order_hash": stable_hash(step_order(
+                       [e["kind"] for e in examples], rec)), **log, "guard_baseline": baseline,
+                   "clean_loss_before": sum(before) / len(before), "clean_loss_after": sum(after) / len(after),
+                   "clean_losses_before": before, "clean_losses_after": after}
+            folder = out / arm_folder(arm, seed)
+            save_arm(peft_model, log, folder, spec.id)
+            logs[(arm, seed)] = log
+            stop = f"; STOPPED by the guard at step {log['stopped_by_guard']['step']}" if log["stopped_by_guard"] else ""
+            print(f"{arm_folder(arm, seed)}: {log['steps']} steps in {log['seconds']} s; clean loss "
+                  f"{log['clean_loss_before']:.3f} -> {log['clean_loss_after']:.3f}{stop}; adapter "
+                  f"{log['adapter_mb']} MB -> {folder}", flush=True)
+            del peft_model
+            model = None
+            free_memory()
     return logs
 
 
@@ -197,17 +319,21 @@ def summary(logs: dict) -> "pd.DataFrame":
     """One row per arm: time, steps, losses, attack losses, eps absolute and relative."""
     import pandas as pd
     rows = []
-    for arm, log in logs.items():
+    for key, log in logs.items():
         eps = log["epsilon"] or {}
+        arm = arm_folder(*key) if isinstance(key, tuple) else key
         tail = log["rows"][-max(1, len(log["rows"]) // 5):]  # last fifth of the steps
-        rows.append({"arm": arm, "perturb_layer": log["perturb_layer"], "steps": log["steps"],
+        guard = (log.get("guard") or [{}])[-1]
+        rows.append({"arm": arm, "seed": log.get("seed"), "perturb_layer": log["perturb_layer"], "steps": log["steps"],
                      "minutes": log["seconds"] / 60, "cpu_minutes": log.get("cpu_seconds", float("nan")) / 60,
                      "epsilon": eps.get("absolute", 0.0),
                      "epsilon_rel_sequence": eps.get("relative_to_sequence_norm", 0.0),
                      "epsilon_rel_per_token": eps.get("per_token_relative", 0.0),
                      "train_loss_last_fifth": sum(r["loss"] for r in tail) / len(tail),
                      "attack_start_last_fifth": (sum(r["attack_loss_start"] for r in tail) / len(tail)
-                                                 if eps else float("nan")),
+                                                 if "attack_loss_start" in tail[0] else float("nan")),
                      "clean_loss_before": log["clean_loss_before"], "clean_loss_after": log["clean_loss_after"],
-                     "adapter_mb": log.get("adapter_mb")})
+                     "adapter_mb": log.get("adapter_mb"), "stopped_by_guard": bool(log.get("stopped_by_guard")),
+                     "guard_harmless_refusing": guard.get("harmless_refusing", float("nan")),
+                     "guard_harmful_refusing": guard.get("harmful_refusing", float("nan"))})
     return pd.DataFrame(rows)

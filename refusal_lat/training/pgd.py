@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..hooks import block_input_edits, perturbation
 from .data import collate
-from .recipe import Recipe
+from .recipe import Recipe, arm_epsilon_value, perturb_layer
 
 
 def causal_lm(model):
@@ -18,16 +18,20 @@ def causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def sft_loss(model, batch: dict) -> torch.Tensor:
-    """Mean next-token cross-entropy over the response tokens of the batch. The lm_head runs only
+def response_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 logits [n, vocab], targets [n]) at the batch's response tokens. The lm_head runs only
     where there is a label (a 150k vocabulary times every position would dominate CPU time)."""
     lm = causal_lm(model)
     hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != -100
-    logits = lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, targets[keep])
+    return lm.get_output_embeddings()(hidden[:, :-1][keep]).float(), targets[keep]
+
+
+def sft_loss(model, batch: dict) -> torch.Tensor:
+    """Mean next-token cross-entropy over the response tokens of the batch."""
+    return F.cross_entropy(*response_logits(model, batch))
 
 
 def example_norms(x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +45,35 @@ def project_l2(delta: torch.Tensor, epsilon: float) -> torch.Tensor:
     return delta * scale.view(-1, *[1] * (delta.ndim - 1))
 
 
+def project_tokens(delta: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Scale down every token whose perturbation is longer than epsilon (the per-token ball)."""
+    scale = (epsilon / delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+    return delta * scale
+
+
+def attack_mask(batch: dict, positions: str) -> torch.Tensor:
+    """[batch, seq, 1] float mask of the positions the adversary may perturb: every real token ("all",
+    Casper) or the prompt's tokens only ("prompt": the labels are -100 there; targeted LAT)."""
+    mask = batch["attention_mask"].bool()
+    if positions == "prompt":
+        mask = mask & (batch["labels"] == -100)
+    return mask[..., None].float()
+
+
+def random_perturbation(mask: torch.Tensor, d_model: int, epsilon: float, per_token: bool,
+                        generator: torch.Generator, radius_fraction: torch.Tensor | None = None) -> torch.Tensor:
+    """Gaussian direction, padding and untouched positions zero. per_token: every token exactly on the
+    sphere of radius epsilon (x radius_fraction per example when given); else the whole example's
+    perturbation has norm epsilon (x radius_fraction)."""
+    b, s = mask.shape[:2]
+    noise = torch.randn((b, s, d_model), generator=generator).to(mask.device) * mask  # drawn on the CPU
+    frac = torch.ones(b) if radius_fraction is None else radius_fraction
+    frac = frac.to(mask.device).view(-1, 1, 1)
+    if per_token:
+        return noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12) * epsilon * frac
+    return noise / example_norms(noise).clamp_min(1e-12).view(-1, 1, 1) * epsilon * frac
+
+
 @dataclass
 class Attack:
     delta: torch.Tensor     # final perturbation [batch, seq, d], detached
@@ -49,17 +82,18 @@ class Attack:
 
 
 def pgd_attack(model, batch: dict, layer: int, epsilon: float, steps: int, generator: torch.Generator,
-               random_init: bool = True) -> Attack:
-    """Untargeted L2 PGD on the input of block `layer` that maximises the SFT loss."""
+               random_init: bool = True, per_token: bool = False, positions: str = "all") -> Attack:
+    """Untargeted L2 PGD on the input of block `layer` that maximises the SFT loss. per_token=False
+    (v1, Casper): one ball over each example's whole perturbation, steps of eps / steps along the
+    example-normalised gradient. per_token=True (v2): a ball per token, steps of 2 eps / steps along the
+    token-normalised gradient (a sign-like L2 step that spends the budget on every token)."""
     lm = causal_lm(model)
-    b, s = batch["input_ids"].shape
-    mask = batch["attention_mask"][..., None].float()
-    delta = torch.zeros(b, s, lm.config.hidden_size, device=mask.device)
+    mask = attack_mask(batch, positions)
+    d_model = lm.config.hidden_size
+    delta = torch.zeros(*mask.shape[:2], d_model, device=mask.device)
     if random_init and epsilon > 0:  # Gaussian direction, radius U(0, 1) * eps, padding left at zero
-        noise = torch.randn(delta.shape, generator=generator)  # drawn on the CPU: same on every device
-        radius = torch.rand(b, generator=generator) * epsilon
-        delta = noise.to(mask.device) * mask
-        delta = delta * (radius.to(mask.device) / example_norms(delta).clamp_min(1e-12)).view(-1, 1, 1)
+        radius = torch.rand(mask.shape[0], generator=generator)
+        delta = random_perturbation(mask, d_model, epsilon, per_token, generator, radius)
     losses, norms = [], []
     for _ in range(steps):
         delta.requires_grad_(True)
@@ -68,8 +102,12 @@ def pgd_attack(model, batch: dict, layer: int, epsilon: float, steps: int, gener
         (grad,) = torch.autograd.grad(loss, delta)
         losses.append(loss.item())
         grad = grad * mask
-        step = grad / example_norms(grad).clamp_min(1e-12).view(-1, 1, 1)
-        delta = project_l2(delta.detach() + (epsilon / steps) * step, epsilon)
+        if per_token:
+            step = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            delta = project_tokens(delta.detach() + (2 * epsilon / steps) * step, epsilon) * mask
+        else:
+            step = grad / example_norms(grad).clamp_min(1e-12).view(-1, 1, 1)
+            delta = project_l2(delta.detach() + (epsilon / steps) * step, epsilon)
         norms.append(example_norms(delta).tolist())
     return Attack(delta.detach(), losses, norms)
 
@@ -101,16 +139,21 @@ def residual_norms(model, examples: list[dict], layers: list[int], pad_id: int, 
                     "tokens": med(lengths)} for layer in layers}
 
 
-def arm_epsilon(rec: Recipe, layer: int, norms: dict) -> float:
-    """Absolute radius for the arm that perturbs `layer` (norms from residual_norms)."""
-    if rec.epsilon_unit == "absolute":
-        return rec.epsilon
-    return rec.epsilon * norms[layer]["token_norm"] * math.sqrt(norms[layer]["tokens"])
+def arm_epsilon(rec: Recipe, arm: str, norms: dict) -> float:
+    """Absolute radius for `arm` (norms from residual_norms): per example (absolute, token_norm) or per
+    token (token_ball)."""
+    value, layer = arm_epsilon_value(rec, arm), perturb_layer(rec, arm)
+    if rec.epsilon_unit == "absolute" or layer is None:
+        return value
+    if rec.epsilon_unit == "token_ball":
+        return value * norms[layer]["token_norm"]
+    return value * norms[layer]["token_norm"] * math.sqrt(norms[layer]["tokens"])
 
 
-def epsilon_report(epsilon: float, norms: dict) -> dict:
+def epsilon_report(epsilon: float, norms: dict, per_token: bool = False) -> dict:
     """An absolute eps, and relative: to the median whole-sequence norm of the clean block input (the
     quantity the ball bounds; the first token's large activation dominates it in later blocks) and per
     token (eps spread evenly over the median length, over the median token norm)."""
     return {"absolute": epsilon, **norms, "relative_to_sequence_norm": epsilon / norms["sequence_norm"],
-            "per_token_relative": epsilon / math.sqrt(norms["tokens"]) / norms["token_norm"]}
+            "per_token_relative": epsilon / norms["token_norm"] if per_token else
+            epsilon / math.sqrt(norms["tokens"]) / norms["token_norm"]}

@@ -1,0 +1,316 @@
+"""Evaluate trained arms and seeds against the base model (issue 23; docs/method.md, "Training v2").
+
+For every model (the base and each <arm>-s<seed> adapter of the recipe's folder):
+- activations at the read position, every block input, on the direction prompts (data.prompt_sets):
+  the model's own refusal direction (mean difference at profile.layer) and the SVD shares of the
+  harmful - harmless differences at every layer;
+- five sets of greedy completions (generation dtype, judged by the project judge and substrings):
+  harmless  held-out Alpaca prompts (paper harmless_test, evenly spaced): over-refusal;
+  harmful   held-out harmful prompts (the eval pool, evenly spaced), clean;
+  ablated   the same, own direction ablated at every layer;
+  pgd_at    the same under the evaluation attack at block 0 (AT's block) with AT's radius;
+  pgd_lat   the same under the evaluation attack at lat_layer (LAT's block) with LAT's radius;
+- a refusal-score transfer matrix: first-token refusal log-odds on the harmful prompts with every
+  model's direction ablated in every model.
+Records are cached per model under runs/<profile>/arms/ (completions stay there); the tables that
+summarise them (labels and numbers, no text) are what gets committed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..activations import block_inputs
+from ..config import Profile, model_role_spec, run_dir
+from ..data import eval_pool, evenly_spaced, paper_splits, prompt_sets
+from ..hooks import ablation
+from ..models.load import model_fingerprint
+from ..models.pool import use_model
+from ..store import VERSIONS, fresh, stable_hash, store
+from .loop import adapter_root, arm_folder
+from .pgd import residual_norms
+from .recipe import ARMS, Recipe, arm_epsilon_value
+from .robustness import attacked_completions, refusal_labels
+
+CONDITIONS = ("harmless", "harmful", "ablated", "pgd_at", "pgd_lat")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    n_harmful: int = 100
+    n_harmless: int = 100
+    tokens: int = 32        # greedy tokens per completion (the judges read the turn)
+    attack_steps: int = 6   # the evaluation attack's PGD steps
+
+
+def settings_of(rec: Recipe) -> EvalSettings:
+    return EvalSettings(rec.eval_prompts, rec.eval_prompts, rec.eval_tokens, rec.eval_attack_steps)
+
+
+def eval_prompts(settings: EvalSettings) -> dict[str, list[str]]:
+    harmless = paper_splits()["harmless_test"]
+    return {"harmful": eval_pool(settings.n_harmful)[0],
+            "harmless": [harmless[i] for i in evenly_spaced(len(harmless), settings.n_harmless)]}
+
+
+def arms_profile(profile: Profile, rec: Recipe, arms=ARMS, seeds=(0,), out: Path | None = None) -> Profile:
+    """The profile with one model role per trained adapter found: base, then <arm>-s<seed>."""
+    out = Path(out) if out else adapter_root(rec)
+    base = model_role_spec(profile, profile.roles[0])
+    models = {"base": dataclasses.replace(base, adapter=None)}
+    for seed in seeds:
+        for arm in arms:
+            folder = out / arm_folder(arm, seed)
+            if (folder / "adapter_config.json").is_file():
+                models[arm_folder(arm, seed)] = dataclasses.replace(base, adapter=str(folder))
+    return dataclasses.replace(profile, models=models)
+
+
+def attack_radii(profile: Profile, rec: Recipe, norms: dict) -> dict:
+    """{"pgd_at": (0, eps), "pgd_lat": (lat_layer, eps)}: absolute per-token radii of the evaluation
+    attacks, the recipe's calibrated fractions of the base model's median token norms."""
+    return {"pgd_at": (0, arm_epsilon_value(rec, "at") * norms[0]["token_norm"]),
+            "pgd_lat": (rec.lat_layer, arm_epsilon_value(rec, "lat") * norms[rec.lat_layer]["token_norm"])}
+
+
+def evaluate_model(profile: Profile, role: str, prompts: dict, radii: dict, settings: EvalSettings,
+                   run: Path | None = None) -> dict:
+    """The record of one model (see the module), cached in runs/<profile>/arms/<role>.json(l)."""
+    run = Path(run or run_dir(profile))
+    key = {"stage": VERSIONS.get("arms", "arms-v1"), "model": model_fingerprint(profile, role),
+           "settings": dataclasses.asdict(settings), "radii": radii, "prompts": stable_hash(prompts),
+           "layer": profile.layer, "dtype": profile.dtype, "gen_dtype": profile.gen_dtype}
+    path = run / "arms" / f"{role}.record"
+    hit = fresh(path, key, lambda p: torch.load(p, weights_only=False))
+    if hit is not None:
+        return hit
+    sets = prompt_sets(profile)
+    model, tokenizer = use_model(profile, role)
+    acts = {"harmful": block_inputs(model, tokenizer, profile, sets.harmful, desc=f"{role} harmful"),
+            "harmless": block_inputs(model, tokenizer, profile, sets.harmless, desc=f"{role} harmless")}
+    direction = acts["harmful"][:, profile.layer].mean(0) - acts["harmless"][:, profile.layer].mean(0)
+    del model
+    model, tokenizer = use_model(profile, role, profile.gen_dtype)
+    record = {"role": role, "acts": acts, "direction": direction, "conditions": {}}
+    for condition in CONDITIONS:
+        texts = prompts["harmless" if condition == "harmless" else "harmful"]
+        layer, eps = radii.get(condition, (None, 0.0))
+        with ablation(model, direction if condition == "ablated" else None):
+            out = attacked_completions(model, tokenizer, profile, texts, layer, eps, settings.attack_steps,
+                                       settings.tokens)
+        record["conditions"][condition] = {**out, "labels": refusal_labels(out["turns"], texts)}
+        print(f"{role} {condition}: refusal {np.mean(record['conditions'][condition]['labels']['project']):.3f}",
+              flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    import io
+    buffer = io.BytesIO()
+    torch.save(record, buffer)
+    store(path, key, buffer.getvalue())
+    return record
+
+
+@torch.no_grad()
+def transfer_log_odds(profile: Profile, records: dict, prompts: list[str]) -> "pd.DataFrame":
+    """Rows (model, direction_of, prompt, log_odds): refusal log-odds of each model with each model's
+    direction ablated at every layer (None: no ablation)."""
+    import pandas as pd
+    from ..selection import subspace_refusal_log_odds
+    rows = []
+    for role in records:
+        model, tokenizer = use_model(profile, role, profile.gen_dtype)
+        for source in [None, *records]:
+            basis = None if source is None else records[source]["direction"][None]
+            scores = subspace_refusal_log_odds(model, tokenizer, profile, prompts, basis)
+            rows += [{"model": role, "direction_of": source or "none", "prompt": i, "log_odds": float(s)}
+                     for i, s in enumerate(scores)]
+    return pd.DataFrame(rows)
+
+
+def arm_of(role: str) -> str:
+    return role.rsplit("-s", 1)[0] if "-s" in role else role
+
+
+def rate_table(records: dict, judges=("project", "substring")) -> "pd.DataFrame":
+    """One row per model, condition and judge: refusals, rate with its Wilson 95 % interval, mean log-odds."""
+    import pandas as pd
+    from ..stats import wilson
+    rows = []
+    for role, rec in records.items():
+        for condition, out in rec["conditions"].items():
+            for judge in judges:
+                labels = out["labels"][judge]
+                lo, hi = wilson(sum(labels), len(labels))
+                rows.append({"model": role, "arm": arm_of(role), "condition": condition, "judge": judge,
+                             "n": len(labels), "refusals": sum(labels), "rate": sum(labels) / len(labels),
+                             "lo": lo, "hi": hi, "mean_log_odds": float(np.mean(out["log_odds"]))})
+    return pd.DataFrame(rows)
+
+
+def paired_rates(records: dict, condition: str, a: list[str], b: list[str], judge: str = "project",
+                 n_boot: int = 2000, seed: int = 0) -> dict:
+    """Refusal rate of models `a` minus models `b` on `condition`, paired by prompt; with several
+    models on a side (seeds) each prompt's labels are averaged over them first. 95 % bootstrap interval
+    over prompts, sign-flip p (10,000 patterns); McNemar when each side is one model."""
+    from ..stats import mcnemar, sign_flip_p, sign_patterns
+    la = np.mean([records[m]["conditions"][condition]["labels"][judge] for m in a], axis=0)
+    lb = np.mean([records[m]["conditions"][condition]["labels"][judge] for m in b], axis=0)
+    d = la - lb
+    idx = np.random.default_rng(seed).integers(0, len(d), (n_boot, len(d)))
+    boot = d[idx].mean(1)
+    out = {"condition": condition, "judge": judge, "a": "+".join(a), "b": "+".join(b), "n": len(d),
+           "rate_a": la.mean(), "rate_b": lb.mean(), "difference": d.mean(),
+           "lo": float(np.quantile(boot, 0.025)), "hi": float(np.quantile(boot, 0.975)),
+           "p_sign_flip": sign_flip_p(d, sign_patterns(len(d)))}
+    if len(a) == len(b) == 1:
+        m = mcnemar(records[a[0]]["conditions"][condition]["labels"][judge],
+                    records[b[0]]["conditions"][condition]["labels"][judge])
+        out.update({"mcnemar_b": m["b"], "mcnemar_c": m["c"], "p_mcnemar": m["p_value"]})
+    return out
+
+
+def comparisons(records: dict, judge: str = "project") -> "pd.DataFrame":
+    """The issue's comparisons: every model vs base on harmless prompts (over-refusal); AT and LAT vs
+    SFT (seed by seed, then pooled over seeds) under the attacks and own ablation; LAT vs rand."""
+    import pandas as pd
+    roles = list(records)
+    by_arm = {arm: [r for r in roles if arm_of(r) == arm] for arm in ARMS}
+    rows = [paired_rates(records, "harmless", [r], ["base"], judge) for r in roles if r != "base"]
+    for condition in ("harmful", "ablated", "pgd_at", "pgd_lat"):
+        for arm in ("at", "lat", "rand"):
+            for role in by_arm[arm]:
+                twin = role.replace(arm + "-", "sft-", 1)
+                if twin in records:
+                    rows.append(paired_rates(records, condition, [role], [twin], judge))
+            if len(by_arm[arm]) > 1 and by_arm["sft"]:
+                rows.append(paired_rates(records, condition, by_arm[arm], by_arm["sft"], judge))
+        if by_arm["lat"] and by_arm["rand"]:
+            rows.append(paired_rates(records, condition, by_arm["lat"], by_arm["rand"], judge))
+        for arm in ("sft", "at", "lat"):
+            if by_arm[arm]:
+                rows.append(paired_rates(records, condition, by_arm[arm], ["base"], judge))
+    return pd.DataFrame(rows)
+
+
+def live_layers(harmful: np.ndarray, harmless: np.ndarray) -> list[int]:
+    """Layers whose harmful - harmless differences are not all zero (block 0's input at the read position
+    is the same token's embedding for every prompt, so it has no spectrum)."""
+    return [layer for layer in range(harmful.shape[1]) if np.abs(harmful[:, layer] - harmless[:, layer]).max() > 0]
+
+
+def svd_shares(records: dict, k: int = 3) -> "pd.DataFrame":
+    """Share of the first k components of the uncentered harmful - harmless differences, every model
+    and layer (svd.variance_ratios, the paper's quantity)."""
+    import pandas as pd
+    from ..svd import variance_ratios
+    rows = []
+    for role, rec in records.items():
+        h, n = rec["acts"]["harmful"].double().numpy(), rec["acts"]["harmless"].double().numpy()
+        for layer in live_layers(h, n):
+            r = variance_ratios(h[:, layer] - n[:, layer], k)
+            rows.append({"model": role, "arm": arm_of(role), "layer": layer, **{f"comp{i + 1}": r[i] for i in range(k)},
+                         "first_two": r[0] + r[1]})
+    return pd.DataFrame(rows)
+
+
+def seed_spread(shares: "pd.DataFrame") -> "pd.DataFrame":
+    """Per arm and layer: mean, min and max over seeds of each share."""
+    cols = ["comp1", "comp2", "first_two"]
+    g = shares.groupby(["arm", "layer"])[cols]
+    out = g.mean().add_suffix("_mean").join(g.min().add_suffix("_min")).join(g.max().add_suffix("_max"))
+    return out.join(shares.groupby(["arm", "layer"]).size().rename("seeds")).reset_index()
+
+
+def second_component_differences(records: dict, n_boot: int = 1000) -> "pd.DataFrame":
+    """LAT - SFT (same seed) and LAT - base differences of the second (and first) component's share at
+    every layer, both models resampled with the same prompt pairs (svd.paired_model_differences)."""
+    from ..svd import paired_model_differences
+    diffs = {}
+    for role, rec in records.items():
+        h, n = rec["acts"]["harmful"].double().numpy(), rec["acts"]["harmless"].double().numpy()
+        for layer in live_layers(h, n):
+            diffs[(role, layer)] = h[:, layer] - n[:, layer]
+    lats = [r for r in records if arm_of(r) == "lat"]
+    pairs = [(r, r.replace("lat-", "sft-", 1)) for r in lats if r.replace("lat-", "sft-", 1) in records]
+    pairs += [(r, "base") for r in lats]
+    return paired_model_differences(diffs, pairs=pairs, components=(1, 2), n_boot=n_boot)
+
+
+def transfer_summary(scores: "pd.DataFrame") -> "pd.DataFrame":
+    """Mean refusal log-odds per (model, direction_of) minus the model's unablated mean."""
+    mean = scores.groupby(["model", "direction_of"])["log_odds"].mean().unstack()
+    return mean.sub(mean["none"], axis=0).drop(columns="none")
+
+
+TABLES = ("rates", "comparisons", "svd_shares", "svd_seed_spread", "svd_paired_differences", "transfer_summary",
+          "transfer_log_odds", "labels")
+
+
+def manifest(profile: Profile, rec: Recipe, arms, seeds, settings: EvalSettings) -> dict:
+    """What the tables depend on: every adapter's bytes, the recipe's radii, the settings and prompts."""
+    from ..store import sha256_file
+    arms_p = arms_profile(profile, rec, arms, seeds)
+    return {"stage": VERSIONS.get("arms", "arms-v1"), "profile": profile.name, "layer": profile.layer,
+            "gen_dtype": profile.gen_dtype, "settings": dataclasses.asdict(settings),
+            "epsilon": {"at": arm_epsilon_value(rec, "at"), "lat": arm_epsilon_value(rec, "lat")},
+            "prompts": stable_hash(eval_prompts(settings)),
+            "adapters": {role: sha256_file(Path(spec.adapter) / "adapter_model.safetensors")
+                         for role, spec in arms_p.models.items() if spec.adapter}}
+
+
+def load_tables(folder: Path, want: dict | None = None) -> dict | None:
+    """{name: DataFrame} from a folder written by evaluate_arms, or None when a table is missing or
+    (with `want`) its manifest.json differs from `want`."""
+    import pandas as pd
+    folder = Path(folder)
+    if not all((folder / f"{n}.csv").is_file() for n in TABLES) or not (folder / "manifest.json").is_file():
+        return None
+    if want is not None:
+        stored, want = json.loads((folder / "manifest.json").read_text()), json.loads(json.dumps(want))
+        if any(stored.get(k) != v for k, v in want.items()):
+            return None
+    return {n: pd.read_csv(folder / f"{n}.csv", index_col=0 if n == "transfer_summary" else None) for n in TABLES}
+
+
+def evaluate_arms(profile: Profile, rec: Recipe, arms, seeds, settings: EvalSettings, out: Path,
+                  run: Path | None = None, log=print) -> dict:
+    """Evaluate the base and every <arm>-s<seed> adapter found, write the tables (and manifest.json)
+    into `out` and return them; per-model records are cached under runs/, so a rerun only adds what
+    is new."""
+    import time
+    import pandas as pd
+    from ..models.load import load_model
+    from .data import training_examples
+    prompts = eval_prompts(settings)
+    model, tokenizer = load_model(profile, "base")
+    examples, _ = training_examples(profile, rec, model, tokenizer, run)
+    norms = residual_norms(model, examples, sorted({0, rec.lat_layer}), tokenizer.pad_token_id)
+    del model
+    radii = attack_radii(profile, rec, norms)
+    arms_p = arms_profile(profile, rec, arms, seeds)
+    log(f"models: {list(arms_p.models)}; attack radii {radii}")
+    records = {}
+    for role in arms_p.models:
+        started = time.time()
+        records[role] = evaluate_model(arms_p, role, prompts, radii, settings, run)
+        log(f"{role}: {time.time() - started:.0f} s")
+    shares = svd_shares(records)
+    scores = transfer_log_odds(arms_p, records, prompts["harmful"])
+    tables = {"rates": rate_table(records), "comparisons": comparisons(records), "svd_shares": shares,
+              "svd_seed_spread": seed_spread(shares), "svd_paired_differences": second_component_differences(records),
+              "transfer_summary": transfer_summary(scores), "transfer_log_odds": scores,
+              "labels": pd.DataFrame([{"model": role, "condition": c, "prompt": i, "project": p, "substring": s,
+                                       "log_odds": round(lo, 4)}
+                                      for role, r in records.items() for c, o in r["conditions"].items()
+                                      for i, (p, s, lo) in enumerate(zip(o["labels"]["project"], o["labels"]["substring"],
+                                                                         o["log_odds"]))])}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        table.to_csv(out / f"{name}.csv", index=name == "transfer_summary")
+    (out / "manifest.json").write_text(json.dumps({**manifest(profile, rec, arms, seeds, settings), "radii": radii},
+                                                  indent=1) + "\n")
+    return tables
