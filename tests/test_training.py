@@ -41,8 +41,12 @@ def _batch(examples, tok, n=3):
     return T.collate(examples[:n], tok.pad_token_id)
 
 
+V1 = {"harmless_per_step": 0, "steps": 0, "epsilon_unit": "absolute", "attack_positions": "all", "epsilon_at": None,
+      "guard_every": 0}  # the first recipe (one stream, one ball per example); tests/test_training_v2.py covers v2
+
+
 def _recipe(tiny, **changes):
-    return T.recipe(tiny, {"epochs": 1, "batch_size": 2, **changes})
+    return T.recipe(tiny, {**V1, "epochs": 1, "batch_size": 2, **changes})
 
 
 # --- data ---------------------------------------------------------------------------------------

@@ -138,11 +138,17 @@ def train_arm(model, tokenizer, examples: list[dict], rec: Recipe, arm: str, eps
 
 
 @torch.no_grad()
-def clean_losses(model, examples: list[dict], rec: Recipe, pad_id: int) -> list[float]:
-    """SFT loss without perturbation on each batch of the training order (before/after training)."""
+def clean_losses(model, examples: list[dict], rec: Recipe, pad_id: int, per_kind: int = 32) -> dict[str, float]:
+    """Mean SFT loss without perturbation, per kind of example, on the first `per_kind` examples of each
+    kind (before/after training, in the training dtype)."""
     device = next(model.parameters()).device
-    return [sft_loss(model, {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}).item()
-            for idx in data_order(len(examples), dataclasses.replace(rec, batch_size=8))]
+    out = {}
+    for kind in dict.fromkeys(e.get("kind", "harmful") for e in examples):
+        chosen = [e for e in examples if e.get("kind", "harmful") == kind][:per_kind]
+        losses = [sft_loss(model, {k: v.to(device) for k, v in collate(chosen[i:i + 8], pad_id).items()}).item()
+                  for i in range(0, len(chosen), 8)]
+        out[kind] = sum(losses) / len(losses)
+    return out
 
 
 def adapter_root(rec: Recipe) -> Path:
@@ -283,7 +289,6 @@ def train_profile(profile: Profile, arms=None, overrides: dict | None = None, ou
                                  for k in sorted({r.get("target_source") for r in rows if r.get("target_source")})},
               "data_hash": stable_hash(examples), "residual_norms": norms, "threads": torch.get_num_threads(),
               "versions": {p: version(p) for p in ("torch", "transformers", "peft")}}
-    before = clean_losses(model, examples, rec0, tokenizer.pad_token_id)  # the same base for every arm
     baseline = refusal_guard(profile, rec0, tokenizer)(model)[1] if rec0.guard_every else None
     logs = {}
     for seed in seeds:
@@ -293,6 +298,7 @@ def train_profile(profile: Profile, arms=None, overrides: dict | None = None, ou
             layer = perturb_layer(rec, arm)
             eps = None if layer is None else arm_epsilon(rec, arm, norms)
             guard = refusal_guard(profile, rec, tokenizer, baseline) if rec.guard_every else None
+            before = clean_losses(model, examples, rec, tokenizer.pad_token_id)
             peft_model, log = train_arm(model, tokenizer, examples, rec, arm, eps, progress=progress, guard=guard)
             log["epsilon"] = None if layer is None else {
                 "unit": rec.epsilon_unit, "value": arm_epsilon_value(rec, arm), "layer": layer,
@@ -300,7 +306,8 @@ def train_profile(profile: Profile, arms=None, overrides: dict | None = None, ou
             after = clean_losses(peft_model, examples, rec, tokenizer.pad_token_id)
             log = {**common, "recipe": dataclasses.asdict(rec), "order_hash": stable_hash(step_order(
                        [e["kind"] for e in examples], rec)), **log, "guard_baseline": baseline,
-                   "clean_loss_before": sum(before) / len(before), "clean_loss_after": sum(after) / len(after),
+                   "clean_loss_before": sum(before.values()) / len(before),
+                   "clean_loss_after": sum(after.values()) / len(after),
                    "clean_losses_before": before, "clean_losses_after": after}
             folder = out / arm_folder(arm, seed)
             save_arm(peft_model, log, folder, spec.id)
@@ -333,6 +340,9 @@ def summary(logs: dict) -> "pd.DataFrame":
                      "attack_start_last_fifth": (sum(r["attack_loss_start"] for r in tail) / len(tail)
                                                  if "attack_loss_start" in tail[0] else float("nan")),
                      "clean_loss_before": log["clean_loss_before"], "clean_loss_after": log["clean_loss_after"],
+                     **{f"clean_{kind}_{when}": log[f"clean_losses_{when}"].get(kind, float("nan"))
+                        for when in ("before", "after") for kind in ("harmful", "harmless")
+                        if isinstance(log[f"clean_losses_{when}"], dict)},
                      "adapter_mb": log.get("adapter_mb"), "stopped_by_guard": bool(log.get("stopped_by_guard")),
                      "guard_harmless_refusing": guard.get("harmless_refusing", float("nan")),
                      "guard_harmful_refusing": guard.get("harmful_refusing", float("nan"))})
