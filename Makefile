@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 
-.PHONY: setup reproduce test test-slow smoke train bench lab kernel clean-runs
+.PHONY: setup reproduce test test-slow smoke train train-check bench lab kernel clean-runs
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv .venv
@@ -25,8 +25,11 @@ test-slow: setup  ## slow tests: real-model runs, process-level kill/resume and 
 smoke: setup  ## the whole series on the tiny profile, training notebook included (what CI runs after the tests)
 	$(PY) scripts/run_notebooks.py --profile tiny --train
 
-train: setup  ## train the SFT / AT / LAT adapters of PROFILE (training.py; minutes to an hour on cpu)
-	$(PY) scripts/train_adapters.py --profile $(PROFILE) --arms sft at lat
+train: setup  ## train every arm and seed of PROFILE's recipe, two at a time (training.py; ~35 min on cpu)
+	$(PY) scripts/train_adapters.py --profile $(PROFILE) --jobs 2
+
+train-check: setup  ## retrain one committed adapter (ARM=lat-s0) and compare it byte for byte
+	$(PY) scripts/train_adapters.py --profile $(PROFILE) --check $(or $(ARM),lat-s0)
 
 bench: setup  ## side-by-side benchmarks on PROFILE, written to BENCHMARKS.md
 	$(PY) bench/run_all.py --profile $(PROFILE)

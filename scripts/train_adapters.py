@@ -107,8 +107,11 @@ def main() -> int:
             T.train_profile(profile, [arm], parse_set(args.set), Path(tmp), seeds=[int(seed)], progress=False)
             fresh = Path(tmp) / args.check / "adapter_model.safetensors"
             same = filecmp.cmp(fresh, committed, shallow=False)
+            data = [T.load_log(folder)["data_hash"] for folder in (Path(tmp) / args.check, committed.parent)]
             print(f"{args.check}: retrained {sha256(fresh)[:16]} vs committed {sha256(committed)[:16]}: "
-                  f"{'byte-identical' if same else 'DIFFERENT'}")
+                  f"{'byte-identical' if same else 'DIFFERENT'}; training data "
+                  + ("identical" if data[0] == data[1] else
+                     f"DIFFERENT ({data[0]} vs {data[1]}: the base model's answers came out differently here)"))
         return 0 if same else 1
     if args.jobs > 1:
         model, tokenizer = H.load_model(profile, "base")  # the data once, before the workers start
