@@ -3,7 +3,8 @@ of the block's median token norm, at which the evaluation attack (training/robus
 half of the base model's refusals on held-out harmful prompts. Writes <adapters>/calibration.csv and
 prints the fractions to put in configs/<profile>.yaml (`epsilon_at`, `epsilon`).
 
-    python scripts/calibrate_epsilon.py --profile cpu --prompts 64 --fractions 0.125 0.25 0.5 1
+    python scripts/calibrate_epsilon.py --profile cpu --fractions 0.125 0.25 0.5 1
+    python scripts/calibrate_epsilon.py --profile cpu --fractions 0.005 0.01 0.02 0.04 0.08 --append
 """
 import argparse
 import copy
@@ -22,6 +23,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6, help="PGD steps of the evaluation attack")
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens judged per completion")
     parser.add_argument("--out", help="CSV path (default: <adapters>/calibration.csv)")
+    parser.add_argument("--append", action="store_true", help="keep the rows already in --out (other fractions)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     import pandas as pd
@@ -51,6 +53,10 @@ def main() -> int:
     table["token_norm"] = table["layer"].map({k: v["token_norm"] for k, v in norms.items()})
     out = Path(args.out) if args.out else T.adapter_root(rec) / "calibration.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and out.is_file():
+        table = pd.concat([pd.read_csv(out), table]).drop_duplicates(["layer", "fraction"], keep="last")
+    table = table.sort_values(["layer", "fraction"]).reset_index(drop=True)
+    rows = table.to_dict("records")
     table.to_csv(out, index=False)
     print(table.to_string(index=False))
     for layer in layers:
