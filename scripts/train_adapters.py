@@ -124,12 +124,12 @@ def main() -> int:
             shlex.quote(a) for a in [str(Path(sys.argv[0]).resolve().relative_to(REPO))
                                      if Path(sys.argv[0]).resolve().is_relative_to(REPO) else sys.argv[0],
                                      *sys.argv[1:]])
-        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        started, commit = time.strftime("%Y-%m-%d %H:%M:%S %Z"), git_state()  # the code that trains
         logs = T.train_profile(profile, args.arms, parse_set(args.set), out, seeds=seeds)
         failed = 0
         for (arm, seed), log in logs.items():
             (out / T.arm_folder(arm, seed) / "COMMAND.txt").write_text(
-                f"{command}\n\n# git commit: {git_state()}\n# started: {started}\n"
+                f"{command}\n\n# git commit: {commit}\n# started: {started}\n"
                 f"# {T.arm_folder(arm, seed)}: {log['steps']} steps, {log['seconds'] / 60:.1f} min of training on "
                 f"{log['threads']} torch threads\n")
     if not args.no_summary:
