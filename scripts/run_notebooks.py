@@ -20,9 +20,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def missing_adapters(H, profile) -> list[str]:
-    """Adapter folders inside this repository that the profile's models name but that are not there yet."""
+    """Adapter folders inside this repository that the profile's models name, or that its training recipe
+    makes for notebook 05 (<adapters>/<arm>-s<seed>), but that are not there yet."""
     named = [spec.adapter for spec in profile.models.values() if spec.adapter and spec.adapter.startswith("adapters/")]
+    if profile.training and profile.training.get("data") == "refusal_mix":
+        import training as T
+        rec = T.recipe(profile)
+        named += [f"{rec.adapters}/{T.arm_folder(a, s)}" for s in T.training_seeds(rec) for a in rec.arms]
     return [a for a in named if not (REPO / a / "adapter_config.json").is_file()]
+
+
+def untrained_arms(H, profile) -> list[str]:
+    """The recipe's <arm>-s<seed> adapters that are not trained yet (all of them without a recipe)."""
+    if not profile.training:
+        return ["(no training recipe)"]
+    import training as T
+    rec = T.recipe(profile)
+    root = T.adapter_root(rec)
+    return [T.arm_folder(a, s) for s in T.training_seeds(rec) for a in rec.arms
+            if not (root / T.arm_folder(a, s) / "adapter_config.json").is_file()]
 
 
 def main() -> int:
@@ -67,6 +83,9 @@ def main() -> int:
     for nb in notebooks:
         if nb.name.startswith("00_") and not (args.train or missing_adapters(H, profile)):
             print(f"== {nb.name}: skipped (the profile's adapters exist or it uses none; --train runs it)")
+            continue
+        if nb.name.startswith("05_") and untrained_arms(H, profile):
+            print(f"== {nb.name}: skipped (no trained arms of this profile's recipe yet: make train PROFILE={profile.name})")
             continue
         started = time.time()
         print(f"== {nb.name} on profile '{profile.name}'", flush=True)
