@@ -18,8 +18,12 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, help="default: the recipe's seeds")
     parser.add_argument("--arms", nargs="+", help="default: the recipe's arms")
     parser.add_argument("--out", help="table folder (default: <adapters>/eval)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import helpers as H
     import training as T
     from refusal_lat.training import evaluate as E
