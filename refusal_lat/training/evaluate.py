@@ -272,7 +272,12 @@ def load_tables(folder: Path, want: dict | None = None) -> dict | None:
         stored, want = json.loads((folder / "manifest.json").read_text()), json.loads(json.dumps(want))
         if any(stored.get(k) != v for k, v in want.items()):
             return None
-    return {n: pd.read_csv(folder / f"{n}.csv", index_col=0 if n == "transfer_summary" else None) for n in TABLES}
+    def read(name):
+        try:
+            return pd.read_csv(folder / f"{name}.csv", index_col=0 if name == "transfer_summary" else None)
+        except pd.errors.EmptyDataError:  # e.g. no LAT adapter, so no LAT - SFT differences
+            return pd.DataFrame()
+    return {n: read(n) for n in TABLES}
 
 
 def evaluate_arms(profile: Profile, rec: Recipe, arms, seeds, settings: EvalSettings, out: Path,
