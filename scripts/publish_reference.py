@@ -38,6 +38,13 @@ def leaks(text: str, run: Path) -> list[str]:
                 value = (row.get(field) or "").strip()
                 if len(value) >= SHOWN and value[:SHOWN] in text:
                     found.append(f"{unit.name} row {row['i']} {field}")
+    for record in sorted(run.glob("arms/*.record")):  # notebook 05's completions (training/evaluate.py)
+        import torch
+        rec = torch.load(record, weights_only=False)
+        for condition, out in rec["conditions"].items():
+            for i, turn in enumerate(out["turns"]):
+                if len(turn.strip()) >= SHOWN and turn.strip()[:SHOWN] in text:
+                    found.append(f"{record.name} {condition} completion {i}")
     return found
 
 
@@ -45,9 +52,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--run-dir", default=None)
+    parser.add_argument("--only", nargs="*", help="notebook name prefixes to copy, e.g. 05 (default: all)")
     args = parser.parse_args()
     run = Path(args.run_dir) if args.run_dir else REPO / "runs" / args.profile
     notebooks = sorted((run / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if args.only:
+        notebooks = [nb for nb in notebooks if nb.name[:2] in args.only]
     if not notebooks:
         print(f"error: no executed notebooks in {run / 'notebooks'}; run `make reproduce` first", file=sys.stderr)
         return 2
