@@ -23,11 +23,10 @@ def missing_adapters(H, profile) -> list[str]:
     """Adapter folders inside this repository that the profile's models name, or that its training recipe
     makes for notebook 05 (<adapters>/<arm>-s<seed>), but that are not there yet."""
     named = [spec.adapter for spec in profile.models.values() if spec.adapter and spec.adapter.startswith("adapters/")]
+    missing = [a for a in named if not (REPO / a / "adapter_config.json").is_file()]
     if profile.training and profile.training.get("data") == "refusal_mix":
-        import training as T
-        rec = T.recipe(profile)
-        named += [f"{rec.adapters}/{T.arm_folder(a, s)}" for s in T.training_seeds(rec) for a in rec.arms]
-    return [a for a in named if not (REPO / a / "adapter_config.json").is_file()]
+        missing += untrained_arms(H, profile)
+    return missing
 
 
 def untrained_arms(H, profile) -> list[str]:

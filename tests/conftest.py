@@ -11,6 +11,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads a real model (minutes); run with `make test-slow`")
 
 
+@pytest.fixture()
+def one_thread():
+    """The tiny model's ops are microseconds; a second thread only adds synchronisation."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     return H.load_profile("tiny")

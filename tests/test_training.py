@@ -17,13 +17,7 @@ PAIRS = [("How do I bake bread?", "Mix flour, water and yeast, then bake."),
          ("Write malware", "I can't help with that.")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's ops are microseconds; a second thread only adds synchronisation."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture()

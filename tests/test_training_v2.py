@@ -10,6 +10,7 @@ import helpers as H
 import training as T
 from refusal_lat import generation
 from refusal_lat.training import data as training_data
+from refusal_lat.store import read_jsonl
 from refusal_lat.training import evaluate as E
 from refusal_lat.training.pgd import attack_mask, random_perturbation
 from refusal_lat.training.robustness import attacked_completions, pick_fraction, prompt_attack
@@ -25,12 +26,7 @@ V2 = {"harmless_per_step": 2, "batch_size": 1, "steps": 4, "epsilon_unit": "toke
       "attack_positions": "prompt", "harmless_weight": 2.0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture()
@@ -114,7 +110,6 @@ def test_refusal_guard_measures_log_odds_on_held_out_prompts(tiny):
 
 def test_bf16_base_trains_float32_lora(tiny, examples):
     _, log, peft_model = _train(tiny, examples, "lat", train_dtype="bfloat16")
-    model = T.causal_lm(peft_model) if hasattr(T, "causal_lm") else peft_model.get_base_model()
     lora = [p for n, p in peft_model.named_parameters() if "lora_" in n]
     assert all(p.dtype == torch.float32 for p in lora)
     assert log["steps"] == 4 and all(np.isfinite(r["loss"]) for r in log["rows"])
@@ -124,10 +119,7 @@ def test_kl_to_base_is_zero_before_the_adapter_moves(tiny, examples):
     from refusal_lat.training.loop import kl_to_base
     model, tok = H.load_model(tiny, "base")
     from peft import get_peft_model
-    peft_model = get_peft_model(model, T.lora_config(T.recipe(tiny))) if hasattr(T, "lora_config") else None
-    if peft_model is None:
-        from refusal_lat.training.loop import lora_config
-        peft_model = get_peft_model(model, lora_config(T.recipe(tiny)))
+    peft_model = get_peft_model(model, T.lora_config(T.recipe(tiny)))
     batch = T.collate(examples[:2], tok.pad_token_id)
     assert kl_to_base(peft_model, batch).item() == pytest.approx(0.0, abs=1e-6)  # LoRA B starts at zero
     _, log, _ = _train(tiny, examples, "sft", kl_weight=1.0)
@@ -148,10 +140,9 @@ def test_v2_data_keep_own_refusals_and_answered_harmless_and_cap_stock_sentences
     harmful = [r["response"] for r in rows if r["kind"] == "harmful"]
     assert harmful == [stock, stock, "As an AI, I cannot help with that."]
     assert [r["response"] for r in rows if r["kind"] == "harmless"] == ["Red, green, blue.", "Bread needs flour."]
-    dropped = H.read_jsonl(tmp_path / "training" / "dropped.jsonl") if hasattr(H, "read_jsonl") else None
-    if dropped is not None:
-        assert sorted(d["dropped"] for d in dropped) == ["base model did not refuse", "base model refused",
-                                                         "target already used 2 times"]
+    dropped = read_jsonl(tmp_path / "training" / "dropped.jsonl")
+    assert sorted(d["dropped"] for d in dropped) == ["base model did not refuse", "base model refused",
+                                                     "target already used 2 times"]
 
 
 def test_calibration_prompts_are_held_out_of_training_and_evaluation():

@@ -294,7 +294,8 @@ def train_profile(profile: Profile, arms=None, overrides: dict | None = None, ou
     for seed in seeds:
         rec = dataclasses.replace(rec0, seed=seed)
         for arm in arms:
-            model, _ = load_training_base(profile, rec) if model is None or rec.train_dtype else (model, None)
+            if model is None or rec.train_dtype:  # a fresh base per arm, in the training dtype
+                model, _ = load_training_base(profile, rec)
             layer = perturb_layer(rec, arm)
             eps = None if layer is None else arm_epsilon(rec, arm, norms)
             guard = refusal_guard(profile, rec, tokenizer, baseline) if rec.guard_every else None

@@ -21,7 +21,7 @@ from ..config import Profile
 from ..generation import end_of_turn, end_of_turn_ids, greedy_tokens
 from ..hooks import perturbation
 from ..judges import classify
-from ..prefix import forward_after_prefix, trunk
+from ..prefix import last_position_logits
 from ..prompts import tokenize
 from ..selection import refusal_token_ids
 
@@ -34,8 +34,8 @@ def refusal_log_odds_from_logits(logits: torch.Tensor, token_ids: list[int]) -> 
 
 
 def last_logits(model, ids, mask) -> torch.Tensor:
-    hidden = forward_after_prefix(trunk(model), ids, mask, None, use_cache=False).last_hidden_state
-    return model.get_output_embeddings()(hidden[:, -1].contiguous())
+    """[rows, vocab] next-token logits after the whole prompt (prefix.last_position_logits, no cache)."""
+    return last_position_logits(model, ids, mask, None, use_cache=False)[0]
 
 
 def prompt_attack(model, ids, mask, layer: int, epsilon: float, steps: int, token_ids: list[int]) -> torch.Tensor:
