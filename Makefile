@@ -1,5 +1,6 @@
 # Thin wrappers. Every target creates .venv (and installs requirements.txt) when it is missing.
 PROFILE ?= cpu
+PUBLISH ?=  # PUBLISH=1: replace the committed adapters (train) or figures/<profile>/ (reproduce): --publish
 PYTHON ?= python3
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
@@ -14,7 +15,7 @@ $(STAMP): requirements.txt
 setup: $(STAMP)
 
 reproduce: setup  ## run notebooks/NN_*.ipynb in order on PROFILE (default cpu) through papermill
-	$(PY) scripts/run_notebooks.py --profile $(PROFILE)
+	$(PY) scripts/run_notebooks.py --profile $(PROFILE) $(if $(PUBLISH),--publish)
 
 test: setup  ## fast tests (tiny model, seconds)
 	$(PY) -m pytest -q -m "not slow" tests
@@ -25,8 +26,8 @@ test-slow: setup  ## slow tests: real-model runs, process-level kill/resume and 
 smoke: setup  ## the whole series on the tiny profile, training notebook included (what CI runs after the tests)
 	$(PY) scripts/run_notebooks.py --profile tiny --train
 
-train: setup  ## train every arm and seed of PROFILE's recipe, two at a time (training.py; ~35 min on cpu)
-	$(PY) scripts/train_adapters.py --profile $(PROFILE) --jobs 2
+train: setup  ## train every arm and seed of PROFILE's recipe, two at a time (training.py; ~35 min on cpu; PUBLISH=1 into adapters/)
+	$(PY) scripts/train_adapters.py --profile $(PROFILE) --jobs 2 $(if $(PUBLISH),--publish)
 
 train-check: setup  ## retrain one committed adapter (ARM=lat-s0) and compare it byte for byte
 	$(PY) scripts/train_adapters.py --profile $(PROFILE) --check $(or $(ARM),lat-s0)

@@ -65,6 +65,7 @@ from refusal_lat.svd import (  # noqa: F401
     bootstrap_indices,
     bootstrap_ratios,
     intervals,
+    paired_differences,
     paired_model_differences,
     profile_paired_differences,
     second_direction_table,
@@ -124,8 +125,10 @@ from refusal_lat.selection import (  # noqa: F401
     selection_table,
 )
 from refusal_lat.scores import refusal_score_matrix, score_path  # noqa: F401
+from refusal_lat import massive  # noqa: F401  (massive-activation channels: H.massive.*)
 from refusal_lat import released  # noqa: F401  (the authors' released Llama-2 files: H.released.*)
-from refusal_lat.reference import AUTHORS_FROBENIUS, PAPER_SVD, PAPER_SWEEP_BEST, PAPER_SWEEP_REFUSAL, PAPER_TABLE1  # noqa: F401
+from refusal_lat import claims  # noqa: F401  (the paper's claims as directional tests: H.claims.*)
+from refusal_lat.reference import AUTHORS_FROBENIUS, AUTHORS_FROBENIUS_PAIRS, PAPER_SVD, PAPER_SWEEP_BEST, PAPER_SWEEP_REFUSAL, PAPER_TABLE1  # noqa: F401
 from refusal_lat.report import (  # noqa: F401
     PAPER_COLUMN,
     compares_to_paper,

@@ -25,4 +25,6 @@ from refusal_lat.training.loop import (  # noqa: F401
     train_profile,
 )
 from refusal_lat.training.pgd import causal_lm, example_norms, pgd_attack, project_l2, project_tokens, sft_loss  # noqa: F401
-from refusal_lat.training.recipe import ARMS, Recipe, arm_epsilon_value, perturb_layer, recipe, training_seeds  # noqa: F401
+from refusal_lat.training.recipe import (  # noqa: F401
+    ARMS, Recipe, arm_epsilon_value, check_selection, perturb_layer, recipe, training_seeds,
+)

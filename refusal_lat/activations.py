@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, Profile
+from .config import ConfigError, Profile, check_layers
 from .data import PromptSets, require_prompts
 from .hooks import capture_block_inputs
 from .models.load import model_fingerprint
@@ -95,8 +95,10 @@ def activations(profile: Profile, role: str, sets: PromptSets, run: Path, model=
                     read_tokens=sorted(set(read_tokens(tokenizer, profile, named["harmful"][:8]))),
                     versions={"torch": torch.__version__, "transformers": _version("transformers")})
         return tensors
-    return cached(run / "activations" / f"{role}.safetensors", activation_key(profile, role, named), compute,
+    acts = cached(run / "activations" / f"{role}.safetensors", activation_key(profile, role, named), compute,
                   read_tensors, encode_tensors)
+    check_layers(profile, acts["harmful"].shape[1])  # cached activations name the model's block count
+    return acts
 
 
 def activation_metadata(run: Path, role: str) -> dict:

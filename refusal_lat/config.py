@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,19 +111,60 @@ def check_fields(cls, raw: dict, where: str) -> dict:
         kind = str(fields[key].type)
         want = _TYPES.get(kind)
         if want is not None and (not isinstance(value, want) or (isinstance(value, bool) and kind != "bool")):
-            hint = " (write floats as 6.0e-4: YAML reads 6e-4 as text)" if kind == "float" else ""
-            raise ConfigError(f"{where}: key '{key}' must be {kind}, got {type(value).__name__} {value!r}{hint}")
+            raise ConfigError(f"{where}: key '{key}' must be {kind}, got {type(value).__name__} {value!r}")
         out[key] = tuple(value) if kind == "tuple" else float(value) if kind == "float" else value
     return out
+
+
+class StrictLoader(yaml.SafeLoader):
+    """YAML 1.2 core schema (so also JSON): ints are decimal, 0o octal or 0x hex ("010" is 10, not 8),
+    booleans only true/false, no dates or sexagesimals; a key given twice in one mapping is an error."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (also at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node):
+        value = self.construct_scalar(node)
+        return int(value, 0) if value.lstrip("+-")[:2] in ("0o", "0x") else int(value, 10)
+
+
+_CORE = {"tag:yaml.org,2002:bool": (r"true|True|TRUE|false|False|FALSE", "tTfF"),
+         "tag:yaml.org,2002:int": (r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", "-+0123456789"),
+         "tag:yaml.org,2002:float": (r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                                     r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)", "-+0123456789.")}
+StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag not in _CORE and tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _tag, (_regex, _first) in _CORE.items():
+    StrictLoader.add_implicit_resolver(_tag, re.compile(f"^(?:{_regex})$"), list(_first))
+StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
+
+
+def parse_yaml(text: str, where: str):
+    """The one parser of configuration text (profiles, overrides, --set values): StrictLoader; a
+    syntax error or a duplicate key is a one-line ConfigError naming where:line."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (StrictLoader is a SafeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise ConfigError(f"{where}{line}: {problem}; fix the YAML there") from None
 
 
 def parse_overrides(overrides) -> dict:
     """A dict, or the JSON/YAML text of one (papermill's CLI passes `-p overrides '{"layer": 14}'` as text)."""
     if isinstance(overrides, str):
-        try:
-            overrides = yaml.safe_load(overrides)
-        except yaml.YAMLError:
-            pass
+        overrides = parse_yaml(overrides, "overrides")
     if overrides is not None and not isinstance(overrides, dict):
         raise ConfigError(f"overrides must be a dict like {{'n_eval': 64}} (or its JSON text), "
                           f"got {type(overrides).__name__} {str(overrides)[:60]!r}")
@@ -138,13 +180,18 @@ RANGE_NOTES = {"read_position": " (counted from the end of the prompt, -1 = last
                                 "so a position >= 0 would read padding)"}
 
 
+def check_ranges(ranges: dict, values: dict, where: str, notes: dict | None = None):
+    """Every key of `ranges` present in `values` within its (lowest, highest) (None: unbounded)."""
+    for key, (low, high) in ranges.items():
+        if key in values and not ((low is None or values[key] >= low) and (high is None or values[key] <= high)):
+            span = f"{low} <= {key}" + (f" <= {high}" if high is not None else "")
+            raise ConfigError(f"{where}: {key} = {values[key]} is out of range; need {span}{(notes or {}).get(key, '')}")
+
+
 def check_values(name: str, values: dict):
     """Ranges and shapes of a profile's values (check_fields has checked their types)."""
     where = f"profile '{name}'"
-    for key, (low, high) in RANGES.items():
-        if key in values and not ((low is None or values[key] >= low) and (high is None or values[key] <= high)):
-            span = f"{low} <= {key}" + (f" <= {high}" if high is not None else "")
-            raise ConfigError(f"{where}: {key} = {values[key]} is out of range; need {span}{RANGE_NOTES.get(key, '')}")
+    check_ranges(RANGES, values, where, RANGE_NOTES)
     for key in ("pca_layers", "sweep_layers"):
         bad = [v for v in values.get(key, []) if not isinstance(v, int) or isinstance(v, bool) or v < 0]
         if bad:
@@ -171,7 +218,10 @@ def load_profile(name: str = "cpu", overrides: dict | str | None = None) -> Prof
     if not isinstance(name, str) or name not in available_profiles():
         raise ConfigError(f"unknown profile {name!r}; valid profiles: {available_profiles()}")
     overrides = parse_overrides(overrides)
-    raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text()) or {}
+    where = f"{CONFIG_DIR.name}/{name}.yaml"
+    raw = parse_yaml((CONFIG_DIR / f"{name}.yaml").read_text(), where) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: a profile is a mapping of keys, got {type(raw).__name__}")
     raw = {**raw, **overrides, "name": name}
     values = check_fields(Profile, raw, f"profile '{name}'")
     check_values(name, values)
@@ -197,7 +247,24 @@ def load_profile(name: str = "cpu", overrides: dict | str | None = None) -> Prof
         raise ConfigError(f"profile '{name}': judge_text {values['judge_text']!r} not in ['turn', 'full']")
     if values["quantization"] not in ("none", "nf4"):
         raise ConfigError(f"profile '{name}': quantization {values['quantization']!r} not in ['none', 'nf4']")
-    return Profile(**values)
+    profile = Profile(**values)
+    base = next(iter(models.values()))
+    if base.source == "tiny" and isinstance(base.config.get("num_hidden_layers"), int):
+        check_layers(profile, base.config["num_hidden_layers"])  # the model is known before it is built
+    return profile
+
+
+def check_layers(profile: Profile, n_blocks: int, lat_layer: int | None = None):
+    """Every block index the profile names (layer, pca_layers, sweep_layers, the recipe's lat_layer, or
+    `lat_layer` when a recipe overrides it) exists in a model of n_blocks decoder blocks."""
+    lat_layer = profile.training.get("lat_layer", 0) if lat_layer is None else lat_layer
+    named = {"layer": [profile.layer], "pca_layers": profile.pca_layers, "sweep_layers": profile.sweep_layers,
+             "training.lat_layer": [lat_layer]}
+    for key, layers in named.items():
+        bad = [v for v in layers if isinstance(v, int) and v >= n_blocks]
+        if bad:
+            raise ConfigError(f"profile '{profile.name}': {key} {bad} beyond the model's {n_blocks} blocks; "
+                              f"use block indices 0..{n_blocks - 1}")
 
 
 def start(profile: str = "cpu", overrides: dict | str | None = None, run: str | Path | None = None):
@@ -213,22 +280,37 @@ def default_run_dir(profile: Profile) -> Path:
     return REPO / "runs" / profile.name
 
 
+RUN_OWNER = "PROFILE"  # a run folder's first line: the profile whose artifacts it holds
+
+
 def run_dir(profile: Profile, base: str | Path | None = None) -> Path:
-    """Where a profile's artifacts live: runs/<profile>/ unless the notebook names another folder."""
+    """Where a profile's artifacts live: runs/<profile>/ unless the notebook names another folder. The
+    folder records its profile (RUN_OWNER); another profile's run_dir there is a ConfigError."""
     path = Path(base) if base else default_run_dir(profile)
+    owner = path / RUN_OWNER
     try:  # fail now, with what to do, rather than after an hour of generation
         path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
+        if not owner.is_file():
+            owner.write_text(profile.name + "\n")
     except OSError as err:
         raise ConfigError(f"run directory {path} is not writable ({err.strerror}); "
                           f"pass run_dir='<a folder you can write>'") from None
+    recorded = owner.read_text().strip()
+    if recorded != profile.name:
+        raise ConfigError(f"run directory {path} holds the artifacts of profile '{recorded}', not '{profile.name}'; "
+                          f"pass run_dir='<another folder>' for profile '{profile.name}'")
     return path
 
 
+PUBLISH_ENV = "REFUSAL_LAT_PUBLISH"  # "1": this run publishes figures/<profile>/ (scripts/run_notebooks.py --publish)
+
+
 def figure_dir(profile: Profile, run: str | Path | None = None, changed: bool = False) -> Path:
-    """figures/<profile>/ (the committed reference figures) for the profile's default run unchanged
-    (no overrides); <run_dir>/figures/ for any other run, so it never overwrites the reference."""
-    default = not changed and (
+    """figures/<profile>/ (the committed reference figures) only when this run publishes them: the
+    profile's default run, unchanged (no overrides), with REFUSAL_LAT_PUBLISH=1 (run_notebooks.py
+    --publish); <run_dir>/figures/ for every other run, so it never overwrites the reference."""
+    default = os.environ.get(PUBLISH_ENV) == "1" and not changed and (
         not run or Path(run).resolve() == default_run_dir(profile).resolve())
     path = REPO / "figures" / profile.name if default else Path(run or default_run_dir(profile)) / "figures"
     try:

@@ -1,15 +1,17 @@
 """Datasets and prompt sets. Files are resolved from an explicit folder, the repo's data/cache, an
-offline mirror next to the repository, or the canonical URL, in that order; every file is checked
+offline mirror beside the repository (../shared/data), or the canonical URL, in that order; every file is checked
 against its sha256 (docs/method.md, "Splits")."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import urllib.request
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +124,9 @@ for _rel, _sha in _RELEASED_SHA256.items():
 
 
 def data_search_dirs(data_dir: str | Path | None = None, cache_dir: str | Path | None = None) -> list[Path]:
-    """Explicit folder (argument, else REFUSAL_LAT_DATA_DIR) -> the cache (<repo>/data/cache) -> nearest shared/data."""
+    """Explicit folder (argument, else REFUSAL_LAT_DATA_DIR) -> the cache (<repo>/data/cache) -> the mirror
+    beside the repository (<repo>/../shared/data). No other folder is searched: what lies above the
+    repository does not change what it reads."""
     explicit = data_dir or os.environ.get("REFUSAL_LAT_DATA_DIR")
     if explicit and not Path(explicit).is_dir():  # an explicit setting that cannot be used is an error
         what = "data_dir" if data_dir else "REFUSAL_LAT_DATA_DIR"
@@ -130,9 +134,8 @@ def data_search_dirs(data_dir: str | Path | None = None, cache_dir: str | Path |
         raise DataError(f"{what}={explicit} {state}; point it at the folder that holds refusal_direction/ and "
                         f"apart-lab-refusal-lat-project/, or unset it")
     dirs = [Path(explicit)] if explicit else []
-    mirrors = [p / "shared" / "data" for p in REPO.parents if (p / "shared" / "data").is_dir()]  # a mirror beside the repo
     cache = Path(cache_dir) if cache_dir else REPO / "data" / "cache"
-    return dirs + [cache] + (mirrors[:1] or [REPO.parent / "shared" / "data"])
+    return dirs + [cache, REPO.parent / "shared" / "data"]
 
 
 def data_file(name: str, data_dir: str | Path | None = None, cache_dir: str | Path | None = None) -> Path:
@@ -176,20 +179,34 @@ def data_file(name: str, data_dir: str | Path | None = None, cache_dir: str | Pa
 
 
 def _read_instructions(name: str, data_dir=None) -> list[str]:
-    path = data_file(name, data_dir)
+    return list(_parse_instructions(data_file(name, data_dir), DATA_FILES[name].sha256))
+
+
+@lru_cache(maxsize=None)
+def _parse_instructions(path: Path, sha256: str) -> tuple[str, ...]:
+    """The instructions in a file that data_file has checked against `sha256`: the same bytes are parsed
+    once per process (Alpaca's 4 MB of JSON takes ~50 ms, and paper_splits is called often)."""
     if path.suffix == ".csv":
         import pandas as pd
-        return pd.read_csv(path)["goal"].tolist()
+        return tuple(pd.read_csv(path)["goal"].tolist())
     rows = json.loads(path.read_text())
-    return [r["instruction"] if isinstance(r, dict) else r for r in rows]
+    return tuple(r["instruction"] if isinstance(r, dict) else r for r in rows)
+
+
+def train_test_split(items: list, test_size: float = 0.2, seed: int = 42) -> tuple[list, list]:
+    """sklearn.model_selection.train_test_split(items, test_size=test_size, random_state=seed), the same
+    lists in the same order (its ShuffleSplit: one permutation of RandomState(seed), the first
+    ceil(test_size * n) indices are the test split), without importing scikit-learn (~2 s)."""
+    order = np.random.RandomState(seed).permutation(len(items))
+    n_test = math.ceil(test_size * len(items))
+    return [items[i] for i in order[n_test:]], [items[i] for i in order[:n_test]]
 
 
 def paper_splits(data_dir=None) -> dict[str, list[str]]:
     """The paper's splits (docs/method.md, "Splits"): AdvBench goals and Alpaca (empty input) instructions, each
     split with train_test_split(test_size=0.2, random_state=42); a pure function of file content."""
-    from sklearn.model_selection import train_test_split
-    harmful_train, harmful_test = train_test_split(_read_instructions("advbench", data_dir), test_size=0.2, random_state=42)
-    harmless_train, harmless_test = train_test_split(_read_instructions("alpaca", data_dir), test_size=0.2, random_state=42)
+    harmful_train, harmful_test = train_test_split(_read_instructions("advbench", data_dir))
+    harmless_train, harmless_test = train_test_split(_read_instructions("alpaca", data_dir))
     return {"harmful_train": harmful_train, "harmful_test": harmful_test,
             "harmless_train": harmless_train, "harmless_test": harmless_test,
             "gpt4o": _read_instructions("gpt4o", data_dir)}

@@ -49,6 +49,24 @@ def capture_block_inputs(model, position: int):
         yield captured
 
 
+@contextmanager
+def capture_channels(model, channels, layers=None):
+    """Collect, at every position of each block input in `layers` (default: all), the values of `channels`
+    and the norm, plus the last position's whole vector: yields {block: [(values [rows, seq, len(channels)],
+    norms [rows, seq], last [rows, d]) per call]}, float32 on the CPU (massive activations; left padding is
+    the caller's to mask)."""
+    captured: dict[int, list] = {}
+    index_of = list(channels)
+
+    def keep(index, hidden):
+        h = hidden.detach().float()
+        captured.setdefault(index, []).append((h[..., index_of].cpu().clone(), h.norm(dim=-1).cpu(),
+                                               h[:, -1].cpu().clone()))
+
+    with block_input_edits(model, keep, layers):
+        yield captured
+
+
 def _unit_direction(model, direction: torch.Tensor) -> torch.Tensor:
     """r / |r| in float64: a [d] vector, or a [rows, d] matrix with one direction per batch row
     (generation_units batches several units that way). A zero direction ablates nothing."""

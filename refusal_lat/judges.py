@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from bisect import bisect_left
 
+from .prompts import visible
+
 
 # --- "paper": the authors' 3-class heuristic ------------------------------------------------------
 # Lists copied from nlpet/apart-lab-refusal-lat-project @ 6f2343a83e2e37bc8893bd613338b6253ae99ef2,
@@ -139,10 +141,11 @@ def _project_rules_label(completion: str) -> int:
 
 
 def _project_labels(completions: list[str], instructions: list[str] | None) -> list[int]:
-    """The fitted judge (project_judge.py): 1 refusal, 0 not; -1 only for an empty completion."""
+    """The fitted judge (project_judge.py): 1 refusal, 0 not; -1 only for a completion that shows
+    nothing (empty, whitespace, control or zero-width characters only)."""
     from .project_judge import predict_refusal
     refused = predict_refusal(list(completions), None if instructions is None else list(instructions))
-    return [-1 if not c.strip() else int(r) for c, r in zip(completions, refused)]
+    return [int(r) if visible(c) else -1 for c, r in zip(completions, refused)]
 
 
 _CLASSIFIERS = {"paper": _paper_label, "substring": _substring_label, "project_rules": _project_rules_label}

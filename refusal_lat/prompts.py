@@ -31,12 +31,21 @@ def tokenize(tokenizer, profile: Profile, instructions: list[str], device="cpu",
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def visible(text: str) -> bool:
+    """Whether `text` shows anything: a printable character other than whitespace (control and
+    zero-width characters such as U+0000 and U+200B are not)."""
+    return any(ch.isprintable() and not ch.isspace() for ch in text)
+
+
 def check_prompts(instructions: list):
-    """Every prompt is text that encodes as UTF-8 (None is not silently an empty prompt)."""
+    """Every prompt is text that shows something and encodes as UTF-8 (None or "" is not silently an
+    empty prompt)."""
     for i, text in enumerate(instructions):
         if not isinstance(text, str):
             raise ConfigError(f"prompt {i} is {type(text).__name__} {repr(text)[:30]}, not text; "
                               f"fix or drop it in the prompt list")
+        if not visible(text):
+            raise ConfigError(f"prompt {i} ({text[:30]!r}) is empty or shows nothing; fix or drop it in the prompt list")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as err:

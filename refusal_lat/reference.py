@@ -2,7 +2,8 @@
 each comes from). Llama-2-7b-chat family, AdvBench + GPT-4o evaluation set (n = 520)."""
 
 PAPER_SVD = {"base": (49.43, 4.76), "AT": (43.76, 4.79), "LAT": (54.0, 20.0)}  # % comp1, comp2 at layer 14
-AUTHORS_FROBENIUS = {"base": 376.0, "LAT": 521.0}  # ||D||_F printed in the authors' notebook (layer not stated)
+AUTHORS_FROBENIUS = {"base": 376.11, "AT": 353.06, "LAT": 521.06}  # ||D||_F printed in the authors' notebook
+AUTHORS_FROBENIUS_PAIRS = 416  # ... over their run "n_samples_416.layer_14": 416 pairs at layer 14 (unreleased)
 
 PAPER_TABLE1 = {  # refusal % after ablation at layer 14, n = 520; (target, source)
     ("base", "base"): 20.38, ("base", "LAT"): 10.77, ("AT", "base"): 24.04, ("AT", "LAT"): 13.65,

@@ -9,8 +9,10 @@ Judges come in as callables (list[str] -> list[bool], True = attack success).
 
 What the files are (checked against the files themselves; see tests/test_released.py):
 - data_store/ablated_llama-2-7b/{baseline,at,lat}/{harmful,harmless}_layer{L}.pt: float16 [100, 4096], the
-  residual stream entering block L at the last prompt token of 100 harmful / 100 harmless prompts,
-  index-paired; saved from CUDA (load with map_location="cpu"). L in RELEASED_LAYERS; 14 is not released.
+  residual stream entering block L at the last prompt token of harmful_test[:100] / harmless_test[:100]
+  (data.paper_splits), index-paired, read with the same code for every model (NF4, adapter merged, left padding,
+  batches of 2); saved from CUDA (load with map_location="cpu"). L in RELEASED_LAYERS; 14 is not released.
+  LAT's rows carry Llama-2's massive-activation channels MASSIVE_CHANNELS from block 2 on (docs/results_llama2.md).
 - datasets/completions_with_human_annots.csv: 816 rows, dataset (advbench_test 104, custom_set 100) x
   variant. `intervention_completion` is the completion that was judged (the regex, LlamaGuard-2 and human
   labels refer to it): under directional ablation for variants baseline / at / lat (base / AT / LAT model,
@@ -24,15 +26,20 @@ What the files are (checked against the files themselves; see tests/test_release
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from . import massive
 from .config import DataError
 from .data import RELEASED_LAYERS, data_file, released_key
+from .progress import progress
 from .stats import agreement, wilson
+from .store import cached, encode_tensors, read_tensors
 from .svd import (DEFAULT_PAIRS, N_COMPONENTS, bootstrap_gram_ratios, bootstrap_indices, gram_ratios, intervals,  # noqa: F401
-                  paired_differences, paired_model_differences, small_eigvalsh, variance_ratios)
+                  one_blas_thread, paired_differences, paired_model_differences, small_eigvalsh, variance_ratios)
 
 MODELS = {"base": "baseline", "AT": "at", "LAT": "lat"}  # project role -> upstream folder
 VARIANT_MODEL = {"no_ablation": "none", "baseline": "base", "at": "AT", "lat": "LAT"}  # CSV variant -> role
@@ -63,8 +70,8 @@ def load_released_activations(model: str, layer: int, data_dir=None):
         x = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(x, torch.Tensor) or x.ndim != 2:
             raise DataError(f"{path}: expected a 2-D tensor, got {type(x).__name__} {getattr(x, 'shape', '')}")
-        x = x.float()
-        if not torch.isfinite(x).all():
+        x = torch.from_numpy(x.numpy().astype(np.float32))  # numpy: torch's threads stall on a busy machine
+        if not np.isfinite(x.numpy()).all():
             raise DataError(f"{path}: NaN/Inf in the activations")
         out.append(x)
     if out[0].shape != out[1].shape:
@@ -76,28 +83,46 @@ def load_released_activations(model: str, layer: int, data_dir=None):
 # ----------------------------------------------------------------------------------------------
 # 2. SVD of the paired differences D = harmful_i - harmless_i (uncentered, as in the paper)
 
-MASSIVE_DIM = 2533  # a Llama-2-7b "massive activation" channel (|x| ~ 40 where typical |x| < 2)
+MASSIVE_CHANNELS = (1415, 2533)  # Llama-2-7b's massive-activation channels (Sun et al. 2024); in LAT's rows they
+                                 # move together (x_1415 ~ -0.6 x_2533), from the input of block 2 on
+THRESHOLDS = (1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0)  # |x| cuts of the sensitivity curve
+CURVE_LAYERS = (12, 16, 20)      # the released layers around the paper's 14
+BOOTSTRAP_STAGE = "released-bootstrap-v1"  # cache tag of bootstrap_replicates(path=...)
 
 
-def massive_activation_pairs(harmful, harmless, dim: int = MASSIVE_DIM, min_abs: float = 10.0) -> np.ndarray:
-    """Bool [n]: pairs where either row has |x[dim]| > min_abs. In the released files only LAT has such
-    rows (16-17 harmful + 19-24 harmless of 100 from layer 2 on; none for base/AT), at the size Llama-2 puts on
-    its first token; whether they come from the model at the read position or from how the activations were
-    read cannot be decided from the files. Use the mask for sensitivity analyses (drop those pairs)."""
-    a = np.abs(np.asarray(harmful.detach().cpu() if hasattr(harmful, "detach") else harmful, np.float64)[:, dim])
-    b = np.abs(np.asarray(harmless.detach().cpu() if hasattr(harmless, "detach") else harmless, np.float64)[:, dim])
-    return (a > min_abs) | (b > min_abs)
-
-
-def flagged_pairs(models: Sequence[str] = tuple(MODELS), layers: Sequence[int] = RELEASED_LAYERS,
-                  data_dir=None) -> dict[int, np.ndarray]:
-    """{layer: bool [n]}: pairs that massive_activation_pairs flags in ANY of `models` at that layer (in the
-    released files: LAT's only). Dropping them from every model keeps the models index-paired."""
+def released_activations(models: Sequence[str] = tuple(MODELS), layers: Sequence[int] = RELEASED_LAYERS,
+                         data_dir=None) -> dict:
+    """{(model, layer): (harmful, harmless)} float64 [100, 4096] numpy rows for every released model and layer."""
     out = {}
-    for layer in layers:
-        masks = [massive_activation_pairs(*load_released_activations(m, layer, data_dir)) for m in models]
-        out[layer] = np.logical_or.reduce(masks)
+    for model in models:
+        for layer in layers:
+            h, hl = load_released_activations(model, layer, data_dir)
+            out[(model, layer)] = (h.numpy().astype(np.float64), hl.numpy().astype(np.float64))
     return out
+
+
+def differences(acts: Mapping) -> dict:
+    """{(model, layer): D = harmful - harmless} from {(model, layer): (harmful, harmless)}."""
+    return {key: paired_differences(h, hl) for key, (h, hl) in acts.items()}
+
+
+def released_differences(models: Sequence[str] = tuple(MODELS), layers: Sequence[int] = RELEASED_LAYERS,
+                         data_dir=None) -> dict:
+    """{(model, layer): D} float64 [100, 4096] for every released model and layer."""
+    return differences(released_activations(models, layers, data_dir))
+
+
+def layer_pairs(acts: Mapping, layer: int) -> dict:
+    """{model: (harmful, harmless)} at one layer of {(model, layer): (harmful, harmless)}."""
+    return {m: pair for (m, l), pair in acts.items() if l == layer}
+
+
+def flagged_pairs(acts: Mapping, threshold: float, channels: Sequence[int] = MASSIVE_CHANNELS,
+                  models: Sequence[str] | None = None) -> dict[int, np.ndarray]:
+    """{layer: bool [n]}: pairs with a row whose |x| on `channels` exceeds `threshold` in ANY of `models`
+    (default: all; the union mask) at that layer. Dropping them from every model keeps the models paired."""
+    layers = dict.fromkeys(l for _, l in acts)
+    return {layer: massive.flag_pairs(layer_pairs(acts, layer), threshold, channels, models) for layer in layers}
 
 
 def drop_pairs(diffs: Mapping, flagged: Mapping[int, np.ndarray]) -> dict:
@@ -105,28 +130,96 @@ def drop_pairs(diffs: Mapping, flagged: Mapping[int, np.ndarray]) -> dict:
     return {(m, l): d[~flagged[l]] for (m, l), d in diffs.items()}
 
 
+def reference_maximum(acts: Mapping, layer: int, channels: Sequence[int] = MASSIVE_CHANNELS,
+                      reference: str = "base") -> float:
+    """The largest |x| on `channels` in the reference model's rows (harmful and harmless) at `layer`."""
+    return float(massive.row_peaks(massive.pooled(acts[(reference, layer)]), channels).max())
+
+
+@one_blas_thread
+def threshold_curve(acts: Mapping, layers: Sequence[int] = CURVE_LAYERS, thresholds: Sequence[float] = THRESHOLDS,
+                    channels: Sequence[int] = MASSIVE_CHANNELS, reference: str = "base", k: int = 2,
+                    models: Sequence[str] | None = None):
+    """The sensitivity analysis as a curve: at each layer and cut t, drop the pairs whose rows exceed t on
+    `channels` in any of `models` (the union mask; default all) from every model and recompute the first k
+    uncentered shares. The cuts start at the reference model's largest |x| at that layer (from_reference_max:
+    the reference itself then loses nothing) and go on with every t of `thresholds` above it. One row per
+    layer x cut x model: threshold, pairs_dropped, pairs_kept, c1..ck."""
+    import pandas as pd
+    rows = []
+    for layer in layers:
+        pairs = layer_pairs(acts, layer)
+        grams = {model: (lambda d: d @ d.T)(paired_differences(h, hl)) for model, (h, hl) in pairs.items()}
+        start = reference_maximum(acts, layer, channels, reference)
+        for cut in [start, *sorted(t for t in thresholds if t > start)]:
+            drop = massive.flag_pairs(pairs, cut, channels, models)
+            keep = np.flatnonzero(~drop)
+            for model in pairs:
+                ratios = gram_ratios(grams[model][np.ix_(keep, keep)], k) if len(keep) >= 2 else np.full(k, np.nan)
+                rows.append({"layer": layer, "threshold": cut, "from_reference_max": cut == start, "model": model,
+                             "pairs_dropped": int(drop.sum()), "pairs_kept": int((~drop).sum()),
+                             **{f"c{c + 1}": ratios[c] for c in range(k)}})
+    return pd.DataFrame(rows)
+
+
+def curve_points(curve, at: Sequence[float], component: int = 2):
+    """The curve's c<component> (%) at the first cut >= each of `at` per layer x model (a cut below a layer's
+    start reads the start): a layer x (model, cut) table for the text."""
+    import pandas as pd
+    rows = []
+    for (layer, model), g in curve.groupby(["layer", "model"], sort=False):
+        g = g.sort_values("threshold")
+        for a in at:
+            hit = g[g.threshold >= a - 1e-12].iloc[0] if (g.threshold >= a - 1e-12).any() else g.iloc[-1]
+            rows.append({"layer": layer, "model": model, "at": a, "threshold": hit.threshold,
+                         "pairs_kept": hit.pairs_kept, "percent": 100 * hit[f"c{component}"]})
+    return pd.DataFrame(rows)
+
+
+def row_frobenius_table(diffs: Mapping, flagged: Mapping[str, Mapping[int, np.ndarray]] | None = None):
+    """model, layer, per_row (‖D‖_F / sqrt(pairs), all pairs) and per_row_without_<name> for each
+    {name: {layer: mask}} of `flagged` (the flagged pairs dropped)."""
+    import pandas as pd
+    rows = []
+    for (m, l), d in diffs.items():
+        row = {"model": m, "layer": l, "pairs": len(d), "per_row": massive.row_frobenius(d)}
+        for name, masks in (flagged or {}).items():
+            row[f"per_row_without_{name}"] = massive.row_frobenius(d, ~masks[l])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def frobenius_norm(d: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(d, np.float64)))
 
 
+def _content_hash(d: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(d, np.float64).tobytes()).hexdigest()
+
+
 def bootstrap_replicates(diffs: Mapping, n_boot: int = 1000, seed: int = 0, k: int = N_COMPONENTS,
-                         centered: bool = False) -> dict:
+                         centered: bool = False, path=None) -> dict:
     """{(model, layer): [n_boot, k]} ratios; every model of a layer uses the same resample indices (seed),
-    so replicates of two models at a layer are paired. Pass to svd_long_table / paired_model_differences."""
-    return {key: bootstrap_gram_ratios(d @ d.T, bootstrap_indices(len(d), n_boot, seed), k, centered)
-            for key, d in diffs.items()}
+    so replicates of two models at a layer are paired. Pass to svd_long_table / paired_model_differences.
+    Keys may be any tuples (e.g. (subset, model, layer), to bootstrap several subsets in one go).
+    path: a cache file (store.cached), keyed by the sha256 of every D's bytes and the arguments, so a rerun on
+    the same files reads the replicates instead of recomputing them (one progress bar while it computes)."""
+    @one_blas_thread
+    def compute(info=None):
+        return {key: bootstrap_gram_ratios(d @ d.T, bootstrap_indices(len(d), n_boot, seed), k, centered)
+                for key, d in progress(diffs.items(), desc="bootstrap replicates", unit="matrix")}
+    if path is None:
+        return compute()
+    import torch
+    names = {"/".join(map(str, key)): key for key in diffs}  # any tuple keys, e.g. (model, layer)
+    key = {"stage": BOOTSTRAP_STAGE, "n_boot": n_boot, "seed": seed, "k": k, "centered": centered,
+           "diffs": {name: _content_hash(diffs[key]) for name, key in names.items()}}
+    tensors = cached(Path(path), key, lambda info: {"/".join(map(str, key)): torch.from_numpy(r) for key, r in compute().items()},
+                     read_tensors, encode_tensors)
+    return {key: tensors[name].numpy() for name, key in names.items()}
 
 
-def released_differences(models: Sequence[str] = tuple(MODELS), layers: Sequence[int] = RELEASED_LAYERS,
-                         data_dir=None) -> dict:
-    """{(model, layer): D} float64 [100, 4096] for every released model and layer."""
-    out = {}
-    for model in models:
-        for layer in layers:
-            out[(model, layer)] = paired_differences(*load_released_activations(model, layer, data_dir))
-    return out
-
-
+@one_blas_thread
 def svd_long_table(diffs: Mapping, n_boot: int = 1000, seed: int = 0, k: int = N_COMPONENTS,
                    level: float = 0.95, centered_boot: bool = True, boot: Mapping | None = None):
     """One row per model x layer x component (1-based): uncentered ratio (the paper's measure) with

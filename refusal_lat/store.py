@@ -62,13 +62,23 @@ def key_hash(key: dict) -> str:
     return stable_hash({**key, "libraries": library_versions()})
 
 
+STALE_SECONDS = 600  # a temp file this old belongs to a write that was killed (a write takes seconds)
+
+
 def atomic_write(path: Path, payload: bytes):
     """Write to a temp file beside `path`, make it world-readable (0644) and rename: never torn. On any
-    error the temp file is removed and a one-line StoreError names the folder."""
+    error the temp file is removed and a one-line StoreError names the folder. Temp files that a killed
+    write left in the folder (older than STALE_SECONDS) are removed first."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob("*.tmp"):
+            try:
+                if stale.is_file() and time.time() - stale.stat().st_mtime > STALE_SECONDS:
+                    stale.unlink()
+            except FileNotFoundError:  # another process swept it first
+                pass
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
             tmp = f.name
             f.write(payload)

@@ -24,6 +24,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens judged per completion")
     parser.add_argument("--out", help="CSV path (default: <adapters>/calibration.csv)")
     parser.add_argument("--append", action="store_true", help="keep the rows already in --out (other fractions)")
+    parser.add_argument("--publish", action="store_true", help="replace a committed --out (the default, under adapters/)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     import pandas as pd
@@ -34,8 +35,15 @@ def main() -> int:
     from refusal_lat.training.pgd import residual_norms
     from refusal_lat.training.data import calibration_prompts
     from refusal_lat.training.robustness import calibrate_epsilon, pick_fraction
-    profile = H.load_profile(args.profile)
-    rec = T.recipe(profile)
+    from refusal_lat.record import check_writable
+    try:
+        profile = H.load_profile(args.profile)
+        rec = T.recipe(profile)
+        out = Path(args.out) if args.out else T.adapter_root(rec) / "calibration.csv"
+        check_writable(out.parent, args.publish, "scripts/calibrate_epsilon.py")
+    except H.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     model, tokenizer = H.load_model(profile, "base")
     examples, _ = training_examples(profile, rec, model, tokenizer)
     layers = sorted({0, rec.lat_layer})
@@ -51,7 +59,6 @@ def main() -> int:
         print(f"block {layer}: {time.time() - started:.0f} s", flush=True)
     table = pd.DataFrame(rows)
     table["token_norm"] = table["layer"].map({k: v["token_norm"] for k, v in norms.items()})
-    out = Path(args.out) if args.out else T.adapter_root(rec) / "calibration.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.append and out.is_file():
         table = pd.concat([pd.read_csv(out), table]).drop_duplicates(["layer", "fraction"], keep="last")

@@ -1,6 +1,9 @@
 """Copy the executed notebooks of a finished run to notebooks/reference/<profile>/, for readers on GitHub.
 
-Usage: python scripts/publish_reference.py [--profile cpu] [--run-dir runs/cpu]
+Usage: python scripts/publish_reference.py [--profile cpu] [--run-dir runs/cpu] --publish
+
+notebooks/reference/<profile>/ is committed: --publish is the explicit consent to replace it; the folder
+is sealed again afterwards (MANIFEST.json, refusal_lat/record.py).
 
 Refuses (exit 1, nothing copied) when an output shows more of a harmful prompt or of a generated
 completion than its first few words: every evaluation prompt and every completion of the run's
@@ -32,19 +35,27 @@ def leaks(text: str, run: Path) -> list[str]:
     """Completions and prompts of the run's generation units whose first SHOWN characters appear in text."""
     found = []
     for unit in sorted(run.glob("generations/**/*.jsonl")):
-        for line in unit.read_text().splitlines():
-            row = json.loads(line)
+        try:
+            rows = [json.loads(line) for line in unit.read_text().splitlines()]
+        except ValueError:  # cut or edited (UnicodeDecodeError is one): nothing to compare, so nothing is published
+            found.append(f"{unit.name} (unreadable: delete it or run the notebooks again)")
+            continue
+        for row in rows:
             for field in ("prompt", "completion", "turn"):
                 value = (row.get(field) or "").strip()
                 if len(value) >= SHOWN and value[:SHOWN] in text:
                     found.append(f"{unit.name} row {row['i']} {field}")
-    for record in sorted(run.glob("arms/*.record")):  # notebook 05's completions (training/evaluate.py)
-        import torch
-        rec = torch.load(record, weights_only=False)
-        for condition, out in rec["conditions"].items():
+    from refusal_lat.training.evaluate import read_record  # safetensors + JSON: reading runs no code
+    for path in sorted(run.glob("arms/*.safetensors")):  # notebook 05's completions (training/evaluate.py)
+        try:
+            conditions = read_record(path)["conditions"]
+        except Exception:  # cut, edited or not a record at all: nothing to compare, so nothing is published
+            found.append(f"{path.name} (unreadable: delete it or run notebook 05 again)")
+            continue
+        for condition, out in conditions.items():
             for i, turn in enumerate(out["turns"]):
                 if len(turn.strip()) >= SHOWN and turn.strip()[:SHOWN] in text:
-                    found.append(f"{record.name} {condition} completion {i}")
+                    found.append(f"{path.name} {condition} completion {i}")
     return found
 
 
@@ -53,7 +64,10 @@ def main() -> int:
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--run-dir", default=None)
     parser.add_argument("--only", nargs="*", help="notebook name prefixes to copy, e.g. 05 (default: all)")
+    parser.add_argument("--publish", action="store_true", help="replace the committed notebooks/reference/<profile>/")
     args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    from refusal_lat import record
     run = Path(args.run_dir) if args.run_dir else REPO / "runs" / args.profile
     notebooks = sorted((run / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     if args.only:
@@ -68,10 +82,16 @@ def main() -> int:
                 print(f"error: {name} shows more than the first words of {item}", file=sys.stderr)
         return 1
     target = REPO / "notebooks" / "reference" / args.profile
-    target.mkdir(parents=True, exist_ok=True)
-    for nb in notebooks:
-        shutil.copyfile(nb, target / nb.name)
-    print(f"copied {len(notebooks)} notebooks to {target}")
+    try:
+        record.check_writable(target, args.publish, "scripts/publish_reference.py")
+        target.mkdir(parents=True, exist_ok=True)
+        for nb in notebooks:
+            shutil.copyfile(nb, target / nb.name)
+        record.seal(target, record.remake_command(target))
+    except record.CommittedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"copied {len(notebooks)} notebooks to {target} and sealed it")
     return 0
 
 

@@ -3,7 +3,9 @@
 Executed copies go to runs/<profile>/notebooks/; a failing cell stops the series with a non-zero
 exit naming the notebook and the cell. What the kernel prints (progress lines with ETAs, plain text:
 REFUSAL_LAT_PROGRESS=text) streams to this script's own stdout/stderr as it runs. Timings and peak
-memory go to runs/<profile>/series.csv.
+memory go to runs/<profile>/series.csv. Figures go to <run_dir>/figures/; with --publish (the default
+run, no overrides) to the committed figures/<profile>/, which is sealed again afterwards
+(refusal_lat/record.py). Ctrl-C stops the series with one line.
 """
 import argparse
 import csv
@@ -48,6 +50,7 @@ def main() -> int:
     parser.add_argument("--run-dir", default=None, help="artifacts folder (default runs/<profile>/)")
     parser.add_argument("--train", action="store_true", help="also run 00_train_adapters (otherwise only when "
                         "the profile's models name adapter folders that do not exist yet)")
+    parser.add_argument("--publish", action="store_true", help="write the committed figures/<profile>/ (default run only)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     import helpers as H
@@ -78,6 +81,39 @@ def main() -> int:
         print(f"error: {H.write_failure(out_dir, err)}", file=sys.stderr)
         return 2
     os.environ["REFUSAL_LAT_PROGRESS"] = "text"  # the kernel inherits it: refusal_lat/progress.py
+    from refusal_lat import record
+    from refusal_lat.config import PUBLISH_ENV, default_run_dir
+    if args.publish:
+        if run.resolve() != default_run_dir(profile).resolve():
+            print(f"error: --publish writes figures/{profile.name}/ from the default run only; drop --run-dir",
+                  file=sys.stderr)
+            return 2
+        os.environ[PUBLISH_ENV] = "1"  # the kernel inherits it: config.figure_dir
+    try:
+        rows = run_series(H, args, profile, run, notebooks, out_dir)
+    except KeyboardInterrupt:
+        print(f"interrupted (Ctrl-C); finished artifacts stay in {run}, rerun the same command to resume", file=sys.stderr)
+        return 130
+    if rows is None:
+        return 1
+    figures = REPO / "figures" / profile.name
+    if args.publish and figures.is_dir():
+        print(f"sealed {record.seal(figures, record.remake_command(figures))}")
+    if rows:  # a run that executed nothing keeps the last series.csv
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=["notebook", "seconds", "peak_rss_gib_so_far"])
+        writer.writeheader()
+        writer.writerows(rows)
+        try:
+            H.atomic_write(run / "series.csv", table.getvalue().encode())
+        except H.StoreError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def run_series(H, args, profile, run, notebooks, out_dir) -> list | None:
+    """Execute the notebooks in order; their timing rows, or None after a failure (reported)."""
     rows = []
     for nb in notebooks:
         if nb.name.startswith("00_") and not (args.train or missing_adapters(H, profile)):
@@ -93,30 +129,21 @@ def main() -> int:
             pm.execute_notebook(str(nb), str(executed), parameters={"profile": profile.name, "run_dir": str(run)},
                                 cwd=str(nb.parent), kernel_name="python3", progress_bar=False,
                                 stdout_file=sys.stdout, stderr_file=sys.stderr,
-                                extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no TCP-transport warning
+                                extra_arguments=["--IPKernelApp.log_level=CRITICAL"])  # no TCP-transport warning, no
+                                # traceback from a kernel stopped mid-cell by Ctrl-C
         except pm.PapermillExecutionError as err:
             print(f"FAILED: {nb.name}, cell {err.cell_index} (execution count {err.exec_count}): "
                   f"{err.ename}: {err.evalue}\n  executed copy: {executed}", file=sys.stderr)
-            return 1
+            return None
         except OSError as err:  # disk full, folder gone: no half-written executed copy stays behind
             executed.unlink(missing_ok=True)
             print(f"FAILED: {nb.name}: {H.write_failure(out_dir, err)}", file=sys.stderr)
-            return 1
+            return None
         peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
         rows.append({"notebook": nb.name, "seconds": round(time.time() - started, 1),
                      "peak_rss_gib_so_far": round(peak_gib, 2)})
         print(f"   done in {rows[-1]['seconds']} s (peak RSS so far {peak_gib:.2f} GiB)", flush=True)
-    if rows:  # a run that executed nothing keeps the last series.csv
-        table = io.StringIO()
-        writer = csv.DictWriter(table, fieldnames=["notebook", "seconds", "peak_rss_gib_so_far"])
-        writer.writeheader()
-        writer.writerows(rows)
-        try:
-            H.atomic_write(run / "series.csv", table.getvalue().encode())
-        except H.StoreError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Train the SFT / AT / LAT / rand LoRA adapters of a profile (training.py) and record how they were made.
 
-    python scripts/train_adapters.py --profile cpu --arms sft at lat rand --seeds 0 1 --jobs 2
+    python scripts/train_adapters.py --profile cpu --arms sft at lat rand --seeds 0 1 --jobs 2 --publish
     python scripts/train_adapters.py --profile cpu --check lat-s0        # retrain one, compare bytes
     python scripts/train_adapters.py --profile tiny --set epsilon=0.2 --out /tmp/adapters
 
@@ -9,7 +9,8 @@ adapter, its training log (JSON + CSV) and COMMAND.txt with the exact command li
 the time. <out>/summary.csv has one row per adapter. --jobs N trains N adapters at a time in separate
 processes of one torch thread each (the data are built first, once). --check ARM-sSEED retrains that
 adapter into a temporary folder and compares its adapter_model.safetensors with the committed one byte
-for byte (exit 1 when they differ).
+for byte (exit 1 when they differ). The recipe's folder (under adapters/) is committed: training into it
+needs --publish, which then seals each adapter folder again (MANIFEST.json, refusal_lat/record.py).
 """
 import argparse
 import filecmp
@@ -21,19 +22,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_set(items: list[str]) -> dict:
-    """--set key=value (value parsed as YAML: 4 -> int, 2.5e-4 -> float, [q_proj] -> list)."""
+    """--set key=value (value parsed as YAML 1.2 / JSON: 4 -> int, 010 -> 10, 2.5e-4 -> float, [q_proj] -> list)."""
+    from refusal_lat.config import ConfigError, parse_yaml
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"error: --set expects key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        if key.strip() in out:
+            raise ConfigError(f"--set names {key.strip()!r} twice; keep one")
+        out[key.strip()] = parse_yaml(value, f"--set {key.strip()}")
     return out
 
 
@@ -54,6 +56,7 @@ def run_jobs(args, jobs: list[tuple[str, int]]) -> int:
     base = [sys.executable, str(Path(__file__).resolve()), "--profile", args.profile, "--threads", "1"]
     base += ["--set", *args.set] if args.set else []
     base += ["--out", args.out] if args.out else []
+    base += ["--publish"] if args.publish else []
     pending, running, failed = list(jobs), [], 0
     while pending or running:
         while pending and len(running) < args.jobs:
@@ -77,25 +80,31 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: the profile's train_threads)")
     parser.add_argument("--jobs", type=int, default=1, help="adapters trained at a time, one thread each")
     parser.add_argument("--check", metavar="ARM-sSEED", help="retrain one adapter and compare it byte for byte")
+    parser.add_argument("--publish", action="store_true", help="replace committed adapters (under adapters/)")
     parser.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     import torch
     import helpers as H
     import training as T
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from refusal_lat import record
     try:
         profile = H.load_profile(args.profile)
-        rec = T.recipe(profile, parse_set(args.set))
-        args.arms = args.arms or list(rec.arms)
-        for arm in args.arms:
-            T.perturb_layer(rec, arm)
+        overrides = parse_set(args.set)
+        rec = T.recipe(profile, overrides)
+        args.arms, seeds = T.check_selection(args.arms or rec.arms,
+                                             args.seeds if args.seeds is not None else T.training_seeds(rec), args.threads)
+        if args.jobs < 1:
+            raise H.ConfigError(f"jobs = {args.jobs} is out of range; need jobs >= 1")
+        out = Path(args.out) if args.out else T.adapter_root(rec)
+        if not args.check:  # refuse now, not after the training
+            for folder in [out] + [out / T.arm_folder(a, s) for s in seeds for a in args.arms]:
+                record.check_writable(folder, args.publish, "scripts/train_adapters.py")
     except H.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else T.adapter_root(rec)
-    seeds = args.seeds if args.seeds is not None else T.training_seeds(rec)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.check:
         arm, _, seed = args.check.rpartition("-s")
         committed = out / args.check / "adapter_model.safetensors"
@@ -104,7 +113,7 @@ def main() -> int:
                   file=sys.stderr)
             return 2
         with tempfile.TemporaryDirectory() as tmp:
-            T.train_profile(profile, [arm], parse_set(args.set), Path(tmp), seeds=[int(seed)], progress=False)
+            T.train_profile(profile, [arm], overrides, Path(tmp), seeds=[int(seed)], progress=False)
             fresh = Path(tmp) / args.check / "adapter_model.safetensors"
             same = filecmp.cmp(fresh, committed, shallow=False)
             data = [T.load_log(folder)["data_hash"] for folder in (Path(tmp) / args.check, committed.parent)]
@@ -125,13 +134,16 @@ def main() -> int:
                                      if Path(sys.argv[0]).resolve().is_relative_to(REPO) else sys.argv[0],
                                      *sys.argv[1:]])
         started, commit = time.strftime("%Y-%m-%d %H:%M:%S %Z"), git_state()  # the code that trains
-        logs = T.train_profile(profile, args.arms, parse_set(args.set), out, seeds=seeds)
+        logs = T.train_profile(profile, args.arms, overrides, out, seeds=seeds, publish=args.publish)
         failed = 0
         for (arm, seed), log in logs.items():
-            (out / T.arm_folder(arm, seed) / "COMMAND.txt").write_text(
+            folder = out / T.arm_folder(arm, seed)
+            (folder / "COMMAND.txt").write_text(
                 f"{command}\n\n# git commit: {commit}\n# started: {started}\n"
                 f"# {T.arm_folder(arm, seed)}: {log['steps']} steps, {log['seconds'] / 60:.1f} min of training on "
                 f"{log['threads']} torch threads\n")
+            if record.committed(folder):
+                record.seal(folder, record.remake_command(folder))
     if not args.no_summary:
         table = T.summary(dict(sorted(T.existing_logs(rec, out, seeds).items())))
         table.to_csv(out / "summary.csv", index=False)

@@ -153,21 +153,31 @@ def test_resume_redoes_only_the_unfinished_unit(tiny, tmp_path, monkeypatch):
 
 
 def test_transfer_scores_and_mcnemar(tiny, tmp_path):
+    """The judges read each row's turn (profile.judge_text "turn"), not everything generated: every other
+    row gets a refusal after its end of turn, so judging `completion` would give other labels."""
     sets, dirs = _units_setup(tiny, tmp_path)
     results = H.generation_units(tiny, tmp_path, sets.eval, dirs, H.transfer_units(tiny))
     assert len(results) == 2 + 4
+    for recs in results.values():
+        for r in recs[::2]:
+            r["completion"] = r["turn"] + "<|end|>I'm sorry, but I cannot help with that. As an AI, I must decline."
+    assert tiny.judge_text == "turn"
     scores = H.score_units(results)
     assert set(scores.method) == set(H.METHODS) and (scores.n == len(sets.eval)).all()
     for row in scores.itertuples():  # each row is the rate_summary of its own unit's labels
-        labels = H.classify([r["completion"] for r in results[(row.target, row.source, row.layer if row.source != H.NO_ABLATION else None)]], row.method)
+        recs = results[(row.target, row.source, row.layer if row.source != H.NO_ABLATION else None)]
+        labels = H.classify([r["turn"] for r in recs], row.method, [r["prompt"] for r in recs])
         s = H.rate_summary(labels)
         assert (row.refusals, row.refusal_rate, row.wilson_low, row.wilson_high) == (s["count"], s["rate"], s["wilson_low"], s["wilson_high"])
         assert row.invalid_rate == labels.count(-1) / len(labels)
+        if row.method == "substring":  # the refusals after the end of turn must not count
+            assert labels != H.classify([r["completion"] for r in recs], row.method)
     tests = H.mcnemar_table(results)
     # per target: 3 cells -> 3 pairs; per source (none, base, SFT... as the units hold): 2 targets -> 1 pair
     sources = {u[1] for u in results}
     assert len(tests) == 2 * 3 + len(sources) and (tests.comparison == "same source").sum() == len(sources)
-    cells = {u[:2]: H.classify([r["completion"] for r in recs], "paper") for u, recs in results.items()}
+    cells = {u[:2]: H.classify([r["turn"] for r in recs], "paper", [r["prompt"] for r in recs])
+             for u, recs in results.items()}
     for row in tests.itertuples():
         t = H.mcnemar(cells[(row.target_a, row.source_a)], cells[(row.target_b, row.source_b)])
         assert (row.only_a_refuses, row.only_b_refuses, row.p_value) == (t["b"], t["c"], t["p_value"])

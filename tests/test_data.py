@@ -70,3 +70,10 @@ def test_missing_file_names_where_it_looked(tmp_path, monkeypatch):
     with pytest.raises(H.DataError, match=r"not found: looked in .*repo/data/cache.*download failed") as err:
         H.data_file("gpt4o")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("n", [2, 5, 10, 519, 520, 31_323])
+def test_train_test_split_equals_scikit_learns(n):
+    from sklearn.model_selection import train_test_split
+    items = [f"prompt {i}" for i in range(n)]
+    assert list(data.train_test_split(items)) == train_test_split(items, test_size=0.2, random_state=42)

@@ -21,8 +21,8 @@ def test_pad_token_is_set_when_missing():
 def local_hub(tmp_path):
     """A tiny 'hub' base model and a LoRA adapter for it, saved as local folders."""
     from peft import LoraConfig, get_peft_model
-    base = H.tiny_model({"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                         "num_key_value_heads": 2, "intermediate_size": 64}, len(H.tiny_tokenizer()))
+    base = H.tiny_model({"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4,  # the tiny profile's
+                         "num_key_value_heads": 2, "intermediate_size": 64}, len(H.tiny_tokenizer()))  # 4 blocks
     base.save_pretrained(tmp_path / "base")
     H.tiny_tokenizer().save_pretrained(tmp_path / "base")
     lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],

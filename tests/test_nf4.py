@@ -117,9 +117,9 @@ def fake_hub(monkeypatch):
     except ImportError:
         pass
 
-    def from_pretrained(name, **kwargs):
+    def from_pretrained(name, **kwargs):  # a tiny stand-in with Llama-2-7b's 32 blocks (the paper's layers exist)
         calls.append((name, kwargs))
-        return H.tiny_model(TINY.config, len(H.tiny_tokenizer()))
+        return H.tiny_model({**TINY.config, "num_hidden_layers": 32}, len(H.tiny_tokenizer()))
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", staticmethod(from_pretrained))
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", staticmethod(lambda *a, **k: H.tiny_tokenizer()))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

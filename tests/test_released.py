@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from refusal_lat import data as D  # noqa: E402
+from refusal_lat import massive as M  # noqa: E402
 from refusal_lat import released as R  # noqa: E402
 from refusal_lat import stats as S  # noqa: E402
 from refusal_lat.config import REPO, DataError  # noqa: E402
@@ -257,17 +258,86 @@ def test_human_labels_semantics():
     assert adv == {"at": 50, "baseline": 72, "lat": 39, "no_ablation": 0}  # SOURCE.md's counts
 
 
-def test_massive_activation_pairs_mask():
-    h, hl = np.zeros((4, 3000)), np.zeros((4, 3000))
-    h[1, R.MASSIVE_DIM], hl[3, R.MASSIVE_DIM], h[2, R.MASSIVE_DIM] = 40.0, -41.0, 5.0
-    assert R.massive_activation_pairs(torch.tensor(h), hl).tolist() == [False, True, False, True]
+def _acts(layers=(12,), spikes=None, n=10, d=40, seed=0):
+    """{(model, layer): (harmful, harmless)} with planted spikes: spikes[(model, layer)] = {row: size} on
+    harmful rows, channels 1415/2533 are replaced by 5/7 (d is small), moving together."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for model in ("base", "AT", "LAT"):
+        for layer in layers:
+            h, hl = rng.normal(0, 0.2, (n, d)) + 0.3, rng.normal(0, 0.2, (n, d))
+            for row, size in (spikes or {}).get((model, layer), {}).items():
+                h[row, 5], h[row, 7] = size, -0.6 * size
+            out[(model, layer)] = (h, hl)
+    return out
+
+
+def test_flagged_pairs_union_vs_single_model_and_drop():
+    acts = _acts(spikes={("base", 12): {0: 12.0}, ("LAT", 12): {3: 20.0, 4: 3.0}})
+    union = R.flagged_pairs(acts, 2.0, (5, 7))[12]
+    lat_only = R.flagged_pairs(acts, 2.0, (5, 7), models=("LAT",))[12]
+    assert np.flatnonzero(union).tolist() == [0, 3, 4] and np.flatnonzero(lat_only).tolist() == [3, 4]
+    assert np.flatnonzero(R.flagged_pairs(acts, 10.0, (5, 7))[12]).tolist() == [0, 3]
+    diffs = R.differences(acts)
+    kept = R.drop_pairs(diffs, {12: union})
+    assert all(len(d) == 7 for d in kept.values())  # the same pairs leave every model: still paired
+    np.testing.assert_array_equal(kept[("AT", 12)], np.delete(diffs[("AT", 12)], [0, 3, 4], 0))
+
+
+def test_threshold_curve_starts_at_the_reference_maximum():
+    acts = _acts(spikes={("LAT", 12): {1: 30.0, 2: 8.0, 3: 3.0}})
+    ref = R.reference_maximum(acts, 12, (5, 7))
+    assert ref == pytest.approx(max(np.abs(acts[("base", 12)][k][:, [5, 7]]).max() for k in (0, 1)))
+    curve = R.threshold_curve(acts, [12], thresholds=(0.01, 2.0, 5.0, 10.0, 50.0), channels=(5, 7))
+    cuts = sorted(curve.threshold.unique())
+    assert cuts[0] == ref and cuts[1:] == [2.0, 5.0, 10.0, 50.0]  # 0.01 is below the start: skipped
+    dropped = curve.groupby("threshold").pairs_dropped.first()
+    assert dropped[2.0] == 3 and dropped[5.0] == 2 and dropped[10.0] == 1 and dropped[50.0] == 0
+    at = curve[(curve.threshold == 5.0) & (curve.model == "base")].iloc[0]
+    d = R.paired_differences(*acts[("base", 12)])
+    np.testing.assert_allclose([at.c1, at.c2], R.variance_ratios(np.delete(d, [1, 2], 0), 2), atol=1e-12)
+    full = curve[(curve.threshold == 50.0) & (curve.model == "LAT")].iloc[0]
+    assert full.pairs_kept == 10 and full.c1 == pytest.approx(R.variance_ratios(R.paired_differences(*acts[("LAT", 12)]), 2)[0])
+    points = R.curve_points(curve, [0.0, 2.0, 4.0]).set_index(["model", "at"])
+    assert points.at[("LAT", 0.0), "threshold"] == ref and points.at[("LAT", 4.0), "threshold"] == 5.0
+
+
+def test_row_frobenius_table_with_and_without_flags():
+    acts = _acts(spikes={("LAT", 12): {0: 40.0}})
+    diffs = R.differences(acts)
+    flags = R.flagged_pairs(acts, 10.0, (5, 7))
+    table = R.row_frobenius_table(diffs, {"k10": flags}).set_index("model")
+    assert table.at["LAT", "per_row"] == pytest.approx(np.linalg.norm(diffs[("LAT", 12)]) / np.sqrt(10))
+    assert table.at["LAT", "per_row_without_k10"] == pytest.approx(np.linalg.norm(diffs[("LAT", 12)][1:]) / 3)
+    assert table.at["LAT", "per_row"] > 3 * table.at["LAT", "per_row_without_k10"]
+
+
+def test_bootstrap_replicates_are_cached_by_content(tmp_path, monkeypatch):
+    diffs = R.differences(_acts(layers=(4, 8)))
+    path = tmp_path / "boot.safetensors"
+    first = R.bootstrap_replicates(diffs, n_boot=20, seed=1, k=3, path=path)
+    np.testing.assert_allclose(first[("LAT", 8)], R.bootstrap_replicates(diffs, n_boot=20, seed=1, k=3)[("LAT", 8)])
+    monkeypatch.setattr(R, "bootstrap_gram_ratios", lambda *a, **k: pytest.fail("recomputed a cached bootstrap"))
+    again = R.bootstrap_replicates(diffs, n_boot=20, seed=1, k=3, path=path)
+    assert list(again) == list(diffs) and all(np.array_equal(again[key], first[key]) for key in diffs)
+    changed = dict(diffs)
+    changed[("AT", 4)] = diffs[("AT", 4)][:-1]  # another D: another key, so it is computed
+    with pytest.raises(pytest.fail.Exception, match="recomputed"):
+        R.bootstrap_replicates(changed, n_boot=20, seed=1, k=3, path=path)
 
 
 @needs_mirror
-def test_only_lat_has_massive_activation_rows():
-    for model in ("base", "AT", "LAT"):
-        n = int(R.massive_activation_pairs(*R.load_released_activations(model, 20)).sum())
-        assert (n > 0) == (model == "LAT")
+def test_released_massive_channels_as_documented():
+    """The facts docs/results_llama2.md states, on the files: only LAT carries the two channels, they move
+    together, they first appear at the input of block 2, and LAT's direction holds most of its norm² there."""
+    acts = R.released_activations(layers=(1, 2, 12))
+    summary = M.channel_summary(acts, R.MASSIVE_CHANNELS).set_index(["model", "layer", "set"])
+    lat = summary.loc["LAT"]
+    assert (lat.loc[[2, 12], "r"] < -0.99).all() and (lat.loc[1, "n_above_2"] == 0).all()
+    assert (lat.loc[12, "n_above_10"] > 10).all()
+    assert (summary.loc[["base", "AT"], "n_above_2"] == 0).all()
+    mass = {m: M.direction_channel_mass(*acts[(m, 2)], R.MASSIVE_CHANNELS) for m in R.MODELS}
+    assert mass["LAT"] > 0.9 and mass["base"] < 0.01 and mass["AT"] < 0.01
 
 
 def test_paired_model_tests_on_crafted_labels():

@@ -34,7 +34,7 @@ def test_unknown_names_list_the_valid_ones(tiny):
         H.load_model(tiny, "SFT")
     assert "its models: ['base', 'LAT']" in one_line(e)
     missing = H.load_profile("tiny", {"models": {"base": {"source": "tiny", "id": "t", "adapter": "/nonexistent/adapter",
-                                                          "config": {"hidden_size": 32, "num_hidden_layers": 2,
+                                                          "config": {"hidden_size": 32, "num_hidden_layers": 4,
                                                                      "num_attention_heads": 4, "intermediate_size": 64}}}})
     with pytest.raises(H.ConfigError) as e:
         H.load_model(missing, "base")

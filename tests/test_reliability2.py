@@ -164,14 +164,21 @@ def test_cache_keys_include_library_versions_and_device(tiny, monkeypatch):
     assert H.model_fingerprint(dataclasses.replace(tiny, device="cpu"), "base")["device"] == "cpu"
 
 
-def test_figures_follow_run_dir_and_overrides(tmp_path):
+def test_figures_follow_run_dir_and_overrides(tmp_path, monkeypatch):
     _, run, fig = H.start("tiny", {}, tmp_path / "elsewhere" / "run")
     assert fig == tmp_path / "elsewhere" / "run" / "figures"
     _, run, fig = H.start("tiny", {"n_eval": 4}, tmp_path / "other")
     assert fig == tmp_path / "other" / "figures"
+    from refusal_lat import config
+    monkeypatch.setattr(config, "REPO", tmp_path / "repo")  # the default run and figures/ of a stand-in repository
     profile = H.load_profile("tiny")
-    assert H.figure_dir(profile) == REPO / "figures" / "tiny"  # the default run keeps the reference folder
-    assert H.figure_dir(profile, REPO / "runs" / "tiny") == REPO / "figures" / "tiny"
+    assert H.figure_dir(profile) == tmp_path / "repo" / "runs" / "tiny" / "figures"  # not publishing: the run's
+    monkeypatch.setenv(config.PUBLISH_ENV, "1")  # scripts/run_notebooks.py --publish
+    assert H.figure_dir(profile) == tmp_path / "repo" / "figures" / "tiny"  # the default run publishes
+    assert H.figure_dir(profile, tmp_path / "repo" / "runs" / "tiny") == tmp_path / "repo" / "figures" / "tiny"
+    assert H.figure_dir(profile, tmp_path / "other") == tmp_path / "other" / "figures"
+    assert H.figure_dir(profile, changed=True) == tmp_path / "repo" / "runs" / "tiny" / "figures"
+    monkeypatch.delenv(config.PUBLISH_ENV)
     (tmp_path / "blocked").mkdir()
     (tmp_path / "blocked" / "figures").write_text("not a folder")
     with pytest.raises(H.ConfigError) as e:

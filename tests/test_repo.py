@@ -34,17 +34,24 @@ def test_notebooks_are_committed_without_outputs_and_have_a_parameters_cell():
 
 
 def test_runner_stops_naming_the_notebook_and_cell(tmp_path):
+    """Everything it writes lands under tmp_path (--run-dir), never in the repository's runs/tiny/."""
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_code_cell('profile = "tiny"', metadata={"tags": ["parameters"]}),
         nbformat.v4.new_code_cell("x = 1"),
         nbformat.v4.new_code_cell("raise ValueError('boom')"),
     ])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, tmp_path / "07_broken.ipynb")
+    (tmp_path / "notebooks").mkdir()
+    nbformat.write(nb, tmp_path / "notebooks" / "07_broken.ipynb")
+    in_repo = REPO / "runs" / "tiny" / "notebooks" / "07_broken.ipynb"
+    before = in_repo.stat().st_mtime_ns if in_repo.exists() else None
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "run_notebooks.py"), "--profile", "tiny",
-                             "--notebooks", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                             "--notebooks", str(tmp_path / "notebooks"), "--run-dir", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert "FAILED: 07_broken.ipynb, cell" in result.stderr and "ValueError: boom" in result.stderr
+    assert (tmp_path / "run" / "notebooks" / "07_broken.ipynb").is_file()
+    assert (in_repo.stat().st_mtime_ns if in_repo.exists() else None) == before
 
 
 def test_make_lab_has_jupyterlab_in_the_venv():

@@ -239,6 +239,14 @@ def test_train_then_evaluate_every_arm_end_to_end(tiny, tmp_path):
     assert E.load_tables(tmp_path / "eval", E.manifest(tiny, rec_out, T.ARMS, [0], settings)) is not None
     want = E.manifest(tiny, dataclasses.replace(rec_out, epsilon=0.25), T.ARMS, [0], settings)
     assert E.load_tables(tmp_path / "eval", want) is None, "a changed recipe must not reuse the tables"
+    # LAT against AT of the same seed is among the comparisons, and comparisons.csv rebuilt from the
+    # written labels.csv alone equals the one computed from the evaluated records
+    comp = tables["comparisons"]
+    assert {("lat-s0", "at-s0")} <= set(zip(comp.a, comp.b))
+    before = (tmp_path / "eval" / "comparisons.csv").read_text()
+    (tmp_path / "eval" / "comparisons.csv").write_text("condition,judge,a,b\n")
+    E.rebuild_comparisons(tmp_path / "eval")
+    assert (tmp_path / "eval" / "comparisons.csv").read_text() == before
 
 
 def test_calibration_counts_flips_of_the_base_models_refusals(tiny, monkeypatch):

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import DTYPES, REPO, ConfigError, ModelSpec, Profile, model_role_spec
+from .. import record
+from ..config import DTYPES, REPO, ConfigError, ModelSpec, Profile, check_layers, model_role_spec
 from ..store import sha256_file
 from .gguf import converted_gguf_folder
 
@@ -71,8 +72,9 @@ def load_tokenizer(profile: Profile, role: str):
     return prepare_tokenizer(AutoTokenizer.from_pretrained(spec.id, revision=spec.revision))
 
 
-def load_model(profile: Profile, role: str):
-    """(model, tokenizer) for one role, in eval mode with gradients off. Adapters are merged."""
+def load_model(profile: Profile, role: str, merge: bool = True):
+    """(model, tokenizer) for one role, in eval mode with gradients off. Adapters are merged; merge=False
+    keeps the LoRA layers beside the base weights (attach_adapter; scripts/check_massive_activations.py)."""
     from transformers import AutoModelForCausalLM
     spec = model_role_spec(profile, role)
     if profile.threads:
@@ -94,18 +96,21 @@ def load_model(profile: Profile, role: str):
             with tempfile.TemporaryDirectory() as folder:
                 model.save_pretrained(folder)
                 model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    elif spec.source == "pypi_gguf":
-        model = AutoModelForCausalLM.from_pretrained(converted_gguf_folder(spec), **kwargs)
+    elif spec.source == "pypi_gguf":  # weights from safetensors only: nothing in a cache folder is unpickled
+        model = AutoModelForCausalLM.from_pretrained(converted_gguf_folder(spec), use_safetensors=True, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(spec.id, revision=spec.revision, **kwargs)
-    if spec.adapter:
+    if spec.adapter and merge:
         model = merge_adapter(model, adapter_location(spec), spec.adapter_revision, lora_dtype=lora_dtype(profile))
+    elif spec.adapter:
+        model = attach_adapter(model, adapter_location(spec), spec.adapter_revision).get_base_model()
     if not cuda:
         if quantized:
             fit_cpu_4bit_kernels(model)
         else:
             model = model.to("cpu")
     model.eval().requires_grad_(False)
+    check_layers(profile, len(decoder_layers(model)))
     return model, tokenizer
 
 
@@ -141,9 +146,13 @@ def fit_cpu_4bit_kernels(model):
 
 
 def adapter_location(spec: ModelSpec) -> str:
-    """A folder in this repo (adapters/<profile>/<arm>, trained by notebook 00) or a hub id."""
+    """A folder in this repo (adapters/<profile>/<arm>, trained by notebook 00) or a hub id. A committed
+    folder is checked against its manifest first (record.verify)."""
     local = REPO / spec.adapter
-    return str(local) if local.is_dir() else spec.adapter
+    if local.is_dir():
+        record.verify(local)
+        return str(local)
+    return spec.adapter
 
 
 def model_fingerprint(profile: Profile, role: str) -> dict:
@@ -159,19 +168,25 @@ def model_fingerprint(profile: Profile, role: str) -> dict:
     return out
 
 
-def merge_adapter(model, adapter: str, revision: str = "main", pristine: dict | None = None,
-                  lora_dtype: torch.dtype | None = None):
-    """Load a PEFT LoRA adapter on top of `model` and fold it into the weights (docs/method.md, "Models").
-    lora_dtype: cast the LoRA matrices to it before merging (the authors' float16; exact_paper_path)."""
+def attach_adapter(model, adapter: str, revision: str = "main"):
+    """A PEFT LoRA adapter on top of `model`, not merged: the PeftModel (its get_base_model() is `model` with
+    the LoRA layers injected in place, so hooks on its blocks see the adapted model)."""
     from peft import PeftModel
     try:
-        peft_model = PeftModel.from_pretrained(model, adapter, revision=revision)
+        return PeftModel.from_pretrained(model, adapter, revision=revision)
     except (OSError, RuntimeError, ValueError) as err:
         if isinstance(err, OSError) or "adapter_config.json" in str(err):  # also the hub's not-found errors
             raise ConfigError(f"adapter {adapter!r} not found as a folder or hub id ({type(err).__name__}); "
                               f"check the profile's adapter path") from None
         raise ConfigError(f"adapter {adapter!r} does not fit this base model ({str(err).splitlines()[0][:160]}); "
                           f"check the profile's adapter/base pair") from None  # shape mismatch: another base
+
+
+def merge_adapter(model, adapter: str, revision: str = "main", pristine: dict | None = None,
+                  lora_dtype: torch.dtype | None = None):
+    """Load a PEFT LoRA adapter on top of `model` and fold it into the weights (docs/method.md, "Models").
+    lora_dtype: cast the LoRA matrices to it before merging (the authors' float16; exact_paper_path)."""
+    peft_model = attach_adapter(model, adapter, revision)
     if pristine is not None:  # keep the weights the merge will change, once, for use_model
         from peft.tuners.tuners_utils import BaseTunerLayer
         config = peft_model.peft_config[peft_model.active_adapter]
@@ -202,7 +217,20 @@ def decoder_layers(model) -> list:
     raise ConfigError(f"cannot find the decoder blocks of {type(model).__name__}; add its path to decoder_layers()")
 
 
-def free_memory():
+COLLECT_ABOVE_BYTES = 64 * 2**20  # free_memory's threshold: a tiny test model is not worth a full collection
+
+
+def model_bytes(model) -> int:
+    """Bytes of a model's parameters and buffers."""
+    return sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
+
+
+def free_memory(dropped_bytes: int | None = None):
+    """A full garbage collection (weights kept alive by reference cycles are freed now) and, on a GPU, an
+    empty CUDA cache. It takes ~0.4 s in a process that has imported torch and transformers, so a caller
+    that knows how much it dropped (model_bytes) skips it below COLLECT_ABOVE_BYTES."""
+    if dropped_bytes is not None and dropped_bytes < COLLECT_ABOVE_BYTES:
+        return
     import gc
     gc.collect()
     if torch.cuda.is_available():

@@ -8,7 +8,8 @@ import torch
 
 from ..config import DTYPES, Profile, model_role_spec
 from ..store import stable_hash
-from .load import adapter_location, free_memory, load_model, lora_dtype, merge_adapter, model_fingerprint, use_cuda
+from .load import (adapter_location, free_memory, load_model, lora_dtype, merge_adapter, model_bytes,
+                   model_fingerprint, use_cuda)
 
 
 _SHARED = {}  # use_model's resident model: key, model, tokenizer, pristine weights, merged adapter
@@ -61,5 +62,7 @@ def use_model(profile: Profile, role: str, dtype: str | None = None):
 def invalidate():
     """Drop the resident model, so the next use_model loads afresh. Call it after editing the weights
     of a model use_model handed out (hooks.orthogonalize_), and to free its memory."""
+    models = [_SHARED.get("model"), _SHARED.get("cast", (None, None))[1]]
+    dropped = sum(model_bytes(m) for m in models if m is not None)
     _SHARED.clear()
-    free_memory()
+    free_memory(dropped)

@@ -21,6 +21,7 @@ format, "\n" removed from the turns (docs/method.md, "Training"); the assistant 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -47,22 +48,29 @@ def excluded_prompts() -> dict[str, set]:
             "harmless": {_norm_text(p) for p in s["harmless_train"][:100] + s["harmless_test"] + rd["harmless_val"]}}
 
 
-def _near_copy(text: str, others: list[set], threshold: float = 0.8) -> bool:
+def _near_copy(text: str, others: dict[int, list[set]], threshold: float = 0.8) -> bool:
+    """Whether `text`'s word set has Jaccard >= threshold with one of `others` (word sets by size).
+    Jaccard >= t needs min(|a|, |b|) >= t * max(|a|, |b|), so only sets of nearby sizes are compared."""
     words = set(re.findall(r"\w+", text))
-    return any(len(words & o) / max(1, len(words | o)) >= threshold for o in others)
+    sizes = range(math.ceil(threshold * len(words) - 1e-9), math.floor(len(words) / threshold + 1e-9) + 1)
+    return any(len(words & o) / max(1, len(words | o)) >= threshold for size in sizes for o in others.get(size, ()))
 
 
 def _held_out(pool: list[str], excluded: set, n: int | None = None) -> list[str]:
     """`pool` in order without the excluded prompts, their near copies (word-set Jaccard >= 0.8) and
     repeats; the first n."""
     seen = set(excluded)
-    word_sets = [set(re.findall(r"\w+", p)) for p in seen]
+    word_sets = {}
+    for text in seen:
+        words = set(re.findall(r"\w+", text))
+        word_sets.setdefault(len(words), []).append(words)
     kept = []
     for prompt in pool:
         norm = _norm_text(prompt)
         if norm not in seen and not _near_copy(norm, word_sets):
             seen.add(norm)
-            word_sets.append(set(re.findall(r"\w+", norm)))
+            words = set(re.findall(r"\w+", norm))
+            word_sets.setdefault(len(words), []).append(words)
             kept.append(prompt)
             if n is not None and len(kept) == n:
                 break

@@ -12,8 +12,9 @@ For every model (the base and each <arm>-s<seed> adapter of the recipe's folder)
   pgd_lat   the same under the evaluation attack at lat_layer (LAT's block) with LAT's radius;
 - a refusal-score transfer matrix: first-token refusal log-odds on the harmful prompts with every
   model's direction ablated in every model.
-Records are cached per model under runs/<profile>/arms/ (completions stay there); the tables that
-summarise them (labels and numbers, no text) are what gets committed.
+Records are cached per model under runs/<profile>/arms/<role>.safetensors (tensors, and the completions
+as JSON in its metadata: nothing there is unpickled); the tables that summarise them (labels and numbers,
+no text) are what gets committed, into a sealed folder (record.py) that only --publish replaces.
 """
 from __future__ import annotations
 
@@ -25,15 +26,15 @@ import numpy as np
 import torch
 
 from ..activations import block_inputs
-from ..config import Profile, model_role_spec, run_dir
+from ..config import ConfigError, Profile, model_role_spec, run_dir
 from ..data import eval_pool, evenly_spaced, paper_splits, prompt_sets
 from ..hooks import ablation
 from ..models.load import model_fingerprint
 from ..models.pool import use_model
-from ..store import VERSIONS, fresh, stable_hash, store
-from .loop import adapter_root, arm_folder
-from .pgd import residual_norms
-from .recipe import ARMS, Recipe, arm_epsilon_value
+from ..record import check_writable, verify
+from ..store import VERSIONS, atomic_write, fresh, stable_hash, store
+from .loop import adapter_root, arm_folder, load_log
+from .recipe import ARMS, Recipe, arm_epsilon_value, check_selection, training_seeds
 from .robustness import attacked_completions, refusal_labels
 
 CONDITIONS = ("harmless", "harmful", "ablated", "pgd_at", "pgd_lat")
@@ -66,26 +67,57 @@ def arms_profile(profile: Profile, rec: Recipe, arms=ARMS, seeds=(0,), out: Path
         for arm in arms:
             folder = out / arm_folder(arm, seed)
             if (folder / "adapter_config.json").is_file():
+                verify(folder)
                 models[arm_folder(arm, seed)] = dataclasses.replace(base, adapter=str(folder))
     return dataclasses.replace(profile, models=models)
 
 
+def logged_norms(folders) -> dict:
+    """{layer: {"token_norm", ...}}: the base model's residual norms that training measured once and
+    stored in every adapter's train_log.json (the same in all of them), so the evaluation radii are the
+    same numbers whatever torch's thread count is here; a one-line ConfigError when the logs disagree."""
+    found = {json.dumps(load_log(folder).get("residual_norms"), sort_keys=True) for folder in folders}
+    if len(found) != 1 or found == {"null"}:
+        raise ConfigError(f"the train logs of {[Path(f).name for f in folders]} record {len(found)} different sets of "
+                          f"residual norms (or none); evaluate adapters trained from the same base and data together")
+    return {int(layer): norms for layer, norms in json.loads(found.pop()).items()}
+
+
 def attack_radii(profile: Profile, rec: Recipe, norms: dict) -> dict:
     """{"pgd_at": (0, eps), "pgd_lat": (lat_layer, eps)}: absolute per-token radii of the evaluation
-    attacks, the recipe's calibrated fractions of the base model's median token norms."""
+    attacks, the recipe's calibrated fractions of the base model's median token norms (logged_norms)."""
     return {"pgd_at": (0, arm_epsilon_value(rec, "at") * norms[0]["token_norm"]),
             "pgd_lat": (rec.lat_layer, arm_epsilon_value(rec, "lat") * norms[rec.lat_layer]["token_norm"])}
 
 
+def encode_record(rec: dict, key: str | None = None) -> bytes:
+    """A model's record as safetensors: activations and direction as tensors, everything else (role,
+    completions, labels, log-odds) as JSON in the metadata."""
+    from safetensors.torch import save
+    tensors = {"acts_harmful": rec["acts"]["harmful"], "acts_harmless": rec["acts"]["harmless"],
+               "direction": rec["direction"]}
+    meta = {"record": json.dumps({"role": rec["role"], "conditions": rec["conditions"]})}
+    return save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta if key is None else {**meta, "key": key})
+
+
+def read_record(path: Path) -> dict:
+    """encode_record's inverse (safetensors and JSON only: reading it runs no code)."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        rec = json.loads(f.metadata()["record"])
+        return {**rec, "acts": {k: f.get_tensor(f"acts_{k}") for k in ("harmful", "harmless")},
+                "direction": f.get_tensor("direction")}
+
+
 def evaluate_model(profile: Profile, role: str, prompts: dict, radii: dict, settings: EvalSettings,
                    run: Path | None = None) -> dict:
-    """The record of one model (see the module), cached in runs/<profile>/arms/<role>.json(l)."""
+    """The record of one model (see the module), cached in runs/<profile>/arms/<role>.safetensors."""
     run = Path(run or run_dir(profile))
     key = {"stage": VERSIONS.get("arms", "arms-v1"), "model": model_fingerprint(profile, role),
            "settings": dataclasses.asdict(settings), "radii": radii, "prompts": stable_hash(prompts),
            "layer": profile.layer, "dtype": profile.dtype, "gen_dtype": profile.gen_dtype}
-    path = run / "arms" / f"{role}.record"
-    hit = fresh(path, key, lambda p: torch.load(p, weights_only=False))
+    path = run / "arms" / f"{role}.safetensors"
+    hit = fresh(path, key, read_record)
     if hit is not None:
         return hit
     sets = prompt_sets(profile)
@@ -105,11 +137,7 @@ def evaluate_model(profile: Profile, role: str, prompts: dict, radii: dict, sett
         record["conditions"][condition] = {**out, "labels": refusal_labels(out["turns"], texts)}
         print(f"{role} {condition}: refusal {np.mean(record['conditions'][condition]['labels']['project']):.3f}",
               flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    import io
-    buffer = io.BytesIO()
-    torch.save(record, buffer)
-    store(path, key, buffer.getvalue())
+    store(path, key, encode_record(record))
     return record
 
 
@@ -189,10 +217,29 @@ def comparisons(records: dict, judge: str = "project") -> "pd.DataFrame":
                 rows.append(paired_rates(records, condition, by_arm[arm], by_arm["sft"], judge))
         if by_arm["lat"] and by_arm["rand"]:
             rows.append(paired_rates(records, condition, by_arm["lat"], by_arm["rand"], judge))
+        for role in by_arm["lat"]:  # LAT against AT of the same seed, then pooled (the paper's LAT vs AT)
+            twin = role.replace("lat-", "at-", 1)
+            if twin in records:
+                rows.append(paired_rates(records, condition, [role], [twin], judge))
+        if len(by_arm["lat"]) > 1 and by_arm["at"]:
+            rows.append(paired_rates(records, condition, by_arm["lat"], by_arm["at"], judge))
         for arm in ("sft", "at", "lat"):
             if by_arm[arm]:
                 rows.append(paired_rates(records, condition, by_arm[arm], ["base"], judge))
     return pd.DataFrame(rows)
+
+
+def records_from_labels(labels: "pd.DataFrame") -> dict:
+    """Per-model records holding only the judged labels, rebuilt from a committed labels.csv (model,
+    condition, prompt, project, substring): enough for comparisons() without evaluating again."""
+    records = {}
+    for model in labels.model.unique():  # the order the tables were written in
+        for condition in labels.condition.unique():
+            part = labels[(labels.model == model) & (labels.condition == condition)].sort_values("prompt")
+            if len(part):
+                conditions = records.setdefault(model, {"conditions": {}})["conditions"]
+                conditions[condition] = {"labels": {j: part[j].astype(int).tolist() for j in ("project", "substring")}}
+    return records
 
 
 def live_layers(harmful: np.ndarray, harmless: np.ndarray) -> list[int]:
@@ -263,14 +310,19 @@ def manifest(profile: Profile, rec: Recipe, arms, seeds, settings: EvalSettings)
 
 def load_tables(folder: Path, want: dict | None = None) -> dict | None:
     """{name: DataFrame} from a folder written by evaluate_arms, or None when a table is missing or
-    (with `want`) its manifest.json differs from `want`."""
+    (with `want`) its manifest.json differs from `want` or does not parse. A committed folder is first
+    checked against its sealed manifest (record.verify): an edited or cut table is an error."""
     import pandas as pd
     folder = Path(folder)
     if not all((folder / f"{n}.csv").is_file() for n in TABLES) or not (folder / "manifest.json").is_file():
         return None
+    verify(folder)
     if want is not None:
-        stored, want = json.loads((folder / "manifest.json").read_text()), json.loads(json.dumps(want))
-        if any(stored.get(k) != v for k, v in want.items()):
+        try:
+            stored, want = json.loads((folder / "manifest.json").read_text()), json.loads(json.dumps(want))
+        except ValueError:  # a cut manifest: evaluate again rather than trust the tables
+            return None
+        if not isinstance(stored, dict) or any(stored.get(k) != v for k, v in want.items()):
             return None
     def read(name):
         try:
@@ -280,22 +332,41 @@ def load_tables(folder: Path, want: dict | None = None) -> dict | None:
     return {n: read(n) for n in TABLES}
 
 
+def rebuild_comparisons(folder: Path, publish: bool = False) -> "pd.DataFrame":
+    """comparisons.csv again from the folder's own labels.csv (no model runs): for a table folder whose
+    comparisons() gained rows after it was evaluated. A committed folder needs publish=True."""
+    folder = Path(folder)
+    tables = load_tables(folder)
+    if tables is None:
+        raise ConfigError(f"{folder} holds no complete set of tables ({', '.join(TABLES)}); evaluate first")
+    check_writable(folder, publish, "scripts/evaluate_arms.py")
+    table = comparisons(records_from_labels(tables["labels"]))
+    atomic_write(folder / "comparisons.csv", table.to_csv(index=False).encode())
+    return table
+
+
 def evaluate_arms(profile: Profile, rec: Recipe, arms, seeds, settings: EvalSettings, out: Path,
-                  run: Path | None = None, log=print) -> dict:
-    """Evaluate the base and every <arm>-s<seed> adapter found, write the tables (and manifest.json)
-    into `out` and return them; per-model records are cached under runs/, so a rerun only adds what
-    is new."""
+                  run: Path | None = None, log=print, publish: bool = False) -> dict:
+    """Evaluate the base and the <arm>-s<seed> adapter of every arm and seed named (each must be trained),
+    write the tables (and manifest.json) into `out` and return them; per-model records are cached under
+    runs/, so a rerun only adds what is new. A committed `out` (record.committed) is written only with
+    publish=True and only for the recipe's own arms and seeds (the tables the README cites)."""
     import time
     import pandas as pd
-    from ..models.load import load_model
-    from .data import training_examples
+    arms, seeds = check_selection(arms, seeds)
+    out = Path(out)
+    check_writable(out, publish, "scripts/evaluate_arms.py")
+    if publish and (sorted(arms) != sorted(rec.arms) or sorted(seeds) != sorted(training_seeds(rec))):
+        raise ConfigError(f"published tables cover the recipe's arms {list(rec.arms)} and seeds {training_seeds(rec)}, "
+                          f"not arms {arms} and seeds {seeds}; write a partial evaluation elsewhere (--out <folder>)")
     prompts = eval_prompts(settings)
-    model, tokenizer = load_model(profile, "base")
-    examples, _ = training_examples(profile, rec, model, tokenizer, run)
-    norms = residual_norms(model, examples, sorted({0, rec.lat_layer}), tokenizer.pad_token_id)
-    del model
-    radii = attack_radii(profile, rec, norms)
     arms_p = arms_profile(profile, rec, arms, seeds)
+    missing = [arm_folder(a, s) for s in seeds for a in arms if arm_folder(a, s) not in arms_p.models]
+    if missing:
+        raise ConfigError(f"no trained adapter {missing} in {adapter_root(rec)}; train them first "
+                          f"(scripts/train_adapters.py) or name arms and seeds that exist")
+    radii = attack_radii(profile, rec, logged_norms([Path(spec.adapter) for spec in arms_p.models.values()
+                                                     if spec.adapter]))
     log(f"models: {list(arms_p.models)}; attack radii {radii}")
     records = {}
     for role in arms_p.models:
@@ -312,10 +383,8 @@ def evaluate_arms(profile: Profile, rec: Recipe, arms, seeds, settings: EvalSett
                                       for role, r in records.items() for c, o in r["conditions"].items()
                                       for i, (p, s, lo) in enumerate(zip(o["labels"]["project"], o["labels"]["substring"],
                                                                          o["log_odds"]))])}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
-        table.to_csv(out / f"{name}.csv", index=name == "transfer_summary")
-    (out / "manifest.json").write_text(json.dumps({**manifest(profile, rec, arms, seeds, settings), "radii": radii},
-                                                  indent=1) + "\n")
+        atomic_write(out / f"{name}.csv", table.to_csv(index=name == "transfer_summary").encode())
+    written = {**manifest(profile, rec, arms, seeds, settings), "radii": radii, "threads": torch.get_num_threads()}
+    atomic_write(out / "manifest.json", (json.dumps(written, indent=1) + "\n").encode())
     return tables

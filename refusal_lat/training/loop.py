@@ -11,14 +11,15 @@ from pathlib import Path
 
 import torch
 
-from ..config import DTYPES, REPO, ConfigError, Profile, model_role_spec
-from ..models.load import free_memory, load_model
+from .. import record
+from ..config import DTYPES, REPO, ConfigError, Profile, check_layers, model_role_spec
+from ..models.load import decoder_layers, free_memory, load_model, model_bytes
 from ..hooks import perturbation
 from ..store import VERSIONS, StoreError, atomic_write, stable_hash, write_failure
 from .data import collate, data_order, training_examples
 from .pgd import (arm_epsilon, attack_mask, causal_lm, epsilon_report, pgd_attack, random_perturbation,
                   residual_norms, response_logits, sft_loss)
-from .recipe import ARMS, Recipe, arm_epsilon_value, perturb_layer, recipe, training_seeds
+from .recipe import ARMS, Recipe, arm_epsilon_value, check_selection, perturb_layer, recipe, training_seeds
 
 
 def lora_config(rec: Recipe):
@@ -189,12 +190,19 @@ def save_arm(peft_model, log: dict, out: Path, base_id: str):
 
 
 def load_log(folder: Path) -> dict:
-    return json.loads((Path(folder) / "train_log.json").read_text())
+    """An adapter's train_log.json (a committed adapter's folder is checked against its manifest first)."""
+    record.verify(folder)
+    try:
+        return json.loads((Path(folder) / "train_log.json").read_text())
+    except ValueError:
+        raise ConfigError(f"{Path(folder) / 'train_log.json'} is cut or not JSON; train that adapter again "
+                          f"(or delete its folder)") from None
 
 
 def load_arm(model, folder: Path):
     """The base `model` with the saved adapter attached (not merged), in eval mode."""
     from peft import PeftModel
+    record.verify(folder)
     return PeftModel.from_pretrained(model, str(folder)).eval()
 
 
@@ -212,7 +220,7 @@ def existing_logs(rec: Recipe, out: Path | None = None, seeds=None) -> dict:  # 
         for arm in ARMS:
             folder = out / arm_folder(arm, seed)
             if (folder / "train_log.json").is_file() and (folder / "adapter_config.json").is_file():
-                log = load_log(folder)
+                log = load_log(folder)  # a committed adapter that changed is an error, not a retraining
                 if log.get("recipe") == want:
                     logs[(arm, seed)] = log
     return logs
@@ -266,20 +274,26 @@ def load_training_base(profile: Profile, rec: Recipe):
 
 
 def train_profile(profile: Profile, arms=None, overrides: dict | None = None, out: Path | None = None,
-                  run: Path | None = None, progress: bool = True, seeds=None) -> dict:
+                  run: Path | None = None, progress: bool = True, seeds=None, publish: bool = False) -> dict:
     """Build (or read) the training data, then train, save and log each arm and seed from a fresh base
-    into <out>/<arm>-s<seed>/. Returns {(arm, seed): log}. Existing adapters are overwritten. The
-    data are the recipe's (its seed draws them); `seeds` (default: the recipe's seeds) vary LoRA init,
-    order and attack noise; `arms` default to the recipe's. Runs on the profile's train_threads."""
+    into <out>/<arm>-s<seed>/. Returns {(arm, seed): log}. Existing adapters are overwritten, committed
+    ones (record.committed: anything under adapters/) only with publish=True (scripts/train_adapters.py
+    --publish). The data are the recipe's (its seed draws them); `seeds` (default: the recipe's seeds)
+    vary LoRA init, order and attack noise; `arms` default to the recipe's. Runs on the profile's
+    train_threads."""
     from importlib.metadata import version
     rec0 = recipe(profile, overrides)
-    seeds = list(seeds) if seeds is not None else training_seeds(rec0)
-    arms = list(arms) if arms is not None else list(rec0.arms)
+    arms, seeds = check_selection(rec0.arms if arms is None else arms,
+                                  training_seeds(rec0) if seeds is None else seeds)
+    out = Path(out) if out else adapter_root(rec0)
+    for seed in seeds:  # before anything is computed: refuse now rather than after the training
+        for arm in arms:
+            record.check_writable(out / arm_folder(arm, seed), publish, "scripts/train_adapters.py")
     if profile.train_threads:
         torch.set_num_threads(profile.train_threads)
-    out = Path(out) if out else adapter_root(rec0)
     spec = model_role_spec(profile, "base")
     model, tokenizer = load_model(profile, "base")
+    check_layers(profile, len(decoder_layers(model)), rec0.lat_layer)
     examples, rows = training_examples(profile, rec0, model, tokenizer, run)
     norms = residual_norms(model, examples, sorted({0, rec0.lat_layer}), tokenizer.pad_token_id)
     common = {"stage": VERSIONS["training"], "profile": profile.name, "base_model": dataclasses.asdict(spec),
@@ -317,9 +331,10 @@ def train_profile(profile: Profile, arms=None, overrides: dict | None = None, ou
             print(f"{arm_folder(arm, seed)}: {log['steps']} steps in {log['seconds']} s; clean loss "
                   f"{log['clean_loss_before']:.3f} -> {log['clean_loss_after']:.3f}{stop}; adapter "
                   f"{log['adapter_mb']} MB -> {folder}", flush=True)
+            dropped = model_bytes(peft_model)
             del peft_model
             model = None
-            free_memory()
+            free_memory(dropped)
     return logs
 
 

@@ -2,9 +2,10 @@
 configs/<profile>.yaml (the reasons for each value are written there)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from ..config import ConfigError, Profile, check_fields
+from ..config import ConfigError, Profile, check_fields, check_ranges
 
 ARMS = ("sft", "at", "lat", "rand")
 
@@ -62,6 +63,16 @@ class Recipe:
     seeds: tuple = ()                  # training seeds (LoRA init, order, attack noise); () = (seed,)
 
 
+# (lowest, highest) allowed; None = no bound
+RANGES = {"n_harmful": (0, None), "n_harmless": (0, None), "n_hh": (0, None), "response_tokens": (0, None),
+          "max_seq_len": (2, None), "epsilon": (0, None), "attack_steps": (1, None), "lat_layer": (0, None),
+          "lora_r": (1, None), "lora_alpha": (1, None), "lora_dropout": (0, 1), "lr": (0, None),
+          "weight_decay": (0, None), "max_grad_norm": (0, None), "warmup_ratio": (0, 1), "epochs": (1, None),
+          "batch_size": (1, None), "seed": (0, None), "max_same_target": (0, None), "harmless_per_step": (0, None),
+          "harmless_weight": (0, None), "kl_weight": (0, None), "steps": (0, None), "guard_every": (0, None),
+          "guard_prompts": (1, None), "eval_prompts": (1, 520), "eval_tokens": (1, None), "eval_attack_steps": (1, None)}
+
+
 def recipe(profile: Profile, overrides: dict | None = None) -> Recipe:
     """The profile's `training:` mapping, then `overrides` (e.g. {"epsilon": 0.0} in tests)."""
     if not profile.training:
@@ -76,14 +87,31 @@ def recipe(profile: Profile, overrides: dict | None = None) -> Recipe:
     for key, allowed in choices.items():
         if getattr(out, key) not in allowed:
             raise ConfigError(f"training recipe: {key} {getattr(out, key)!r} not in {list(allowed)}")
-    if out.epsilon < 0 or out.attack_steps < 1 or out.batch_size < 1 or out.epochs < 1:
-        raise ConfigError("training recipe: need epsilon >= 0, attack_steps >= 1, batch_size >= 1, epochs >= 1")
+    check_ranges(RANGES, dataclasses.asdict(out), "training recipe")
     unknown = [a for a in out.arms if a not in ARMS]
     if unknown:
         raise ConfigError(f"training recipe: unknown arm(s) {unknown}; valid arms: {list(ARMS)}")
     if out.epsilon_at is not None and out.epsilon_at < 0:
         raise ConfigError("training recipe: need epsilon_at >= 0 (or leave it out to use epsilon)")
+    bad_seeds = [s for s in out.seeds if not isinstance(s, int) or isinstance(s, bool) or s < 0]
+    if bad_seeds:
+        raise ConfigError(f"training recipe: seeds must be integers >= 0, got {bad_seeds}")
     return out
+
+
+def check_selection(arms, seeds, threads: int | None = None) -> tuple[list[str], list[int]]:
+    """The arms and seeds a command line names (and its --threads): known arms, seeds >= 0, at least one
+    of each, threads >= 1; else a one-line ConfigError."""
+    arms, seeds = list(arms), list(seeds)
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        raise ConfigError(f"unknown arm(s) {unknown}; valid arms: {list(ARMS)}" if unknown else
+                          f"no arm named; valid arms: {list(ARMS)}")
+    if not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise ConfigError(f"seeds must be integers >= 0, got {seeds}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads = {threads} is out of range; need threads >= 1")
+    return list(dict.fromkeys(arms)), list(dict.fromkeys(seeds))
 
 
 def perturb_layer(rec: Recipe, arm: str) -> int | None:
