@@ -93,7 +93,7 @@ from refusal_lat.generation import (  # noqa: F401
     start_decoding,
 )
 from refusal_lat.units import NO_ABLATION, generation_units, transfer_units, unit_groups, unit_path, unit_row  # noqa: F401
-from refusal_lat.judges import METHODS, classify, judge_inputs  # noqa: F401
+from refusal_lat.judges import METHODS, classify, judge_inputs, success_judges  # noqa: F401
 from refusal_lat.stats import (  # noqa: F401
     agreement,
     corrected_rate_interval,

@@ -52,12 +52,14 @@ def run(profile_name: str = "cpu", log=print):
         if nb[:2] in judged:
             complete &= secs is not None
             total += secs or 0.0
-        rows.append([nb, f"{float(row['seconds']):.0f}" if row else "-", row["peak_rss_gib_so_far"] if row else "-",
+        rows.append([nb, f"{float(row['seconds']):.0f}" if row else "-", (row or {}).get("cpu_seconds") or "-",
+                     row["peak_rss_gib_so_far"] if row else "-",
                      f"{pm_s:.0f}" if pm_s is not None else ("unfinished" if nb in executed else "-"),
                      (pm_end or "-")[:16].replace("T", " ")])
     md = (f"Source: {source}; executed copies in `{(run / 'notebooks').relative_to(H.REPO)}/`. Seconds per "
           f"notebook from series.csv where it has the notebook, else papermill's own duration.\n\n"
-          + table(["notebook", "series.csv s", "peak RSS GiB (so far)", "papermill s", "last run (UTC)"], rows))
+          + table(["notebook", "series.csv s", "kernel CPU s", "peak RSS GiB (so far)", "papermill s", "last run (UTC)"],
+                  rows))
     targets, span = [], f"{judged[0]}->{judged[-1]}"
     if not complete:
         over = budget is not None and total > budget * 60  # already over budget without the missing ones

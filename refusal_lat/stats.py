@@ -63,6 +63,19 @@ def agreement(pred, reference) -> dict:
             "specificity": tn / (tn + fp) if tn + fp else math.nan}
 
 
+def categorical_agreement(a, b) -> dict:
+    """Two raters' labels from any set of classes on the same items: n, raw agreement and Cohen's kappa
+    (p_o - p_e) / (1 - p_e), p_e from each rater's class shares; NaN when p_e = 1."""
+    a, b = list(a), list(b)
+    if len(a) != len(b) or not a:
+        raise ValueError(f"categorical_agreement needs paired labels on at least one item: {len(a)} vs {len(b)}")
+    n = len(a)
+    observed = sum(x == y for x, y in zip(a, b)) / n
+    expected = sum(a.count(c) * b.count(c) for c in set(a) | set(b)) / (n * n)
+    kappa = math.nan if expected == 1 else (observed - expected) / (1 - expected)
+    return {"n": n, "agreement": observed, "kappa": kappa}
+
+
 def sensitivity_specificity(pred, truth) -> tuple[float, float]:
     """Sensitivity = P(pred True | truth True), specificity = P(pred False | truth False); both classes needed."""
     a = agreement(pred, truth)

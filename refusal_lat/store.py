@@ -26,6 +26,7 @@ VERSIONS = {  # bump a stage's tag when its code changes what it returns
     "scores": "scores-v1",
     "harmless-kl": "harmless-kl-v1",
     "training": "training-v1",
+    "labelling": "labelling-v1",  # labelset.attacked_artifacts: the labelling set's attacked and harmless rows
 }
 
 

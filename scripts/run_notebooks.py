@@ -2,10 +2,10 @@
 
 Executed copies go to runs/<profile>/notebooks/; a failing cell stops the series with a non-zero
 exit naming the notebook and the cell. What the kernel prints (progress lines with ETAs, plain text:
-REFUSAL_LAT_PROGRESS=text) streams to this script's own stdout/stderr as it runs. Timings and peak
-memory go to runs/<profile>/series.csv. Figures go to <run_dir>/figures/; with --publish (the default
-run, no overrides) to the committed figures/<profile>/, which is sealed again afterwards
-(refusal_lat/record.py). Ctrl-C stops the series with one line.
+REFUSAL_LAT_PROGRESS=text) streams to this script's own stdout/stderr as it runs. Timings (wall, and
+the kernel's CPU seconds) and peak memory go to runs/<profile>/series.csv. Figures go to
+<run_dir>/figures/; with --publish (the default run, no overrides) to the committed figures/<profile>/,
+which is sealed again afterwards (refusal_lat/record.py). Ctrl-C stops the series with one line.
 """
 import argparse
 import csv
@@ -101,7 +101,7 @@ def main() -> int:
         print(f"sealed {record.seal(figures, record.remake_command(figures))}")
     if rows:  # a run that executed nothing keeps the last series.csv
         table = io.StringIO()
-        writer = csv.DictWriter(table, fieldnames=["notebook", "seconds", "peak_rss_gib_so_far"])
+        writer = csv.DictWriter(table, fieldnames=["notebook", "seconds", "cpu_seconds", "peak_rss_gib_so_far"])
         writer.writeheader()
         writer.writerows(rows)
         try:
@@ -110,6 +110,12 @@ def main() -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
     return 0
+
+
+def kernel_cpu_seconds() -> float:
+    """User + system CPU seconds of the finished kernels (this process's reaped children) so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_series(H, args, profile, run, notebooks, out_dir) -> list | None:
@@ -122,7 +128,7 @@ def run_series(H, args, profile, run, notebooks, out_dir) -> list | None:
         if nb.name.startswith("05_") and untrained_arms(H, profile):
             print(f"== {nb.name}: skipped (no trained arms of this profile's recipe yet: make train PROFILE={profile.name})")
             continue
-        started = time.time()
+        started, cpu_before = time.time(), kernel_cpu_seconds()
         print(f"== {nb.name} on profile '{profile.name}'", flush=True)
         executed = out_dir / nb.name
         try:
@@ -140,9 +146,11 @@ def run_series(H, args, profile, run, notebooks, out_dir) -> list | None:
             print(f"FAILED: {nb.name}: {H.write_failure(out_dir, err)}", file=sys.stderr)
             return None
         peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-        rows.append({"notebook": nb.name, "seconds": round(time.time() - started, 1),
-                     "peak_rss_gib_so_far": round(peak_gib, 2)})
-        print(f"   done in {rows[-1]['seconds']} s (peak RSS so far {peak_gib:.2f} GiB)", flush=True)
+        row = {"notebook": nb.name, "seconds": round(time.time() - started, 1),
+               "cpu_seconds": round(kernel_cpu_seconds() - cpu_before, 1), "peak_rss_gib_so_far": round(peak_gib, 2)}
+        rows.append(row)
+        print(f"   done in {row['seconds']} s, {row['cpu_seconds']} s of CPU (peak RSS so far {peak_gib:.2f} GiB)",
+              flush=True)
     return rows
 
 

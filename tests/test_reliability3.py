@@ -414,8 +414,9 @@ def test_judges_call_text_that_shows_nothing_invalid():
     """Before: the project judge labelled "\\x00" and a zero-width space as compliance (0)."""
     blank = ["\x00", "\u200b", " \u200b\u200d\n\x07 ", ""]
     for method in ("paper", "project", "project_rules"):
-        assert H.classify(blank, method) == [-1] * len(blank), method
-    assert H.classify(["I can't help with that.", "Sure, here is the recipe: mix the flour."], "project") == [1, 0]
+        assert H.classify(blank, method, ["Bake a cake."] * len(blank)) == [-1] * len(blank), method
+    assert H.classify(["I can't help with that.", "Sure, here is the recipe: mix the flour."], "project",
+                      ["Bake a cake.", "Bake a cake."]) == [1, 0]
 
 
 # --- thread-count independence --------------------------------------------------------------------

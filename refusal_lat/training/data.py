@@ -12,7 +12,8 @@ refusal_mix (cpu, tiny), built offline and cached under runs/<profile>/training/
   harmless checks) and refusal_direction's harmless_val, then a seeded sample;
 - targets: the base model's own greedy answer (generation.generate, stop at end of turn, at most
   response_tokens tokens). For a harmful prompt the answer is kept only when
-  classify(..., "project") calls it a refusal; otherwise the target is the fixed sentence
+  the fitted judge, reading the answer without its request (judges.project_labels_without_requests,
+  as recipes v1 and v2 were made), calls it a refusal; otherwise the target is the fixed sentence
   Recipe.refusal. An answer cut by the token limit is trimmed back to its last full sentence so
   that the end-of-turn token that follows it in the chat template is not taught mid-sentence.
 hh_chosen (paper): Anthropic/hh-rlhf "chosen", shuffle(seed=42), first n_hh, in Casper's Llama-2
@@ -30,7 +31,7 @@ import torch
 from .. import generation
 from ..config import ConfigError, Profile, model_role_spec, run_dir
 from ..data import paper_splits, refusal_direction_splits
-from ..judges import classify
+from ..judges import project_labels_without_requests
 from ..prompts import format_prompt
 from ..store import VERSIONS, atomic_write, encode_jsonl, fresh, read_jsonl, store
 from .recipe import Recipe
@@ -158,7 +159,7 @@ def refusal_mix(profile: Profile, rec: Recipe, model, tokenizer, run: Path | Non
     rows, dropped = [], []
     for kind in ("harmful", "harmless"):
         raw = [answers[p] for p in prompts[kind]]
-        labels = classify([a["answer"] for a in raw], "project")
+        labels = project_labels_without_requests([a["answer"] for a in raw])  # as the committed adapters were made
         seen_targets: dict[str, int] = {}
         for prompt, a, label in zip(prompts[kind], raw, labels):
             answer = trim_to_sentence(a["answer"]) if a["cut"] else a["answer"].strip()

@@ -35,7 +35,7 @@ from ..record import check_writable, verify
 from ..store import VERSIONS, atomic_write, fresh, stable_hash, store
 from .loop import adapter_root, arm_folder, load_log
 from .recipe import ARMS, Recipe, arm_epsilon_value, check_selection, training_seeds
-from .robustness import attacked_completions, refusal_labels
+from .robustness import attacked_completions, condition_completions, refusal_labels
 
 CONDITIONS = ("harmless", "harmful", "ablated", "pgd_at", "pgd_lat")
 
@@ -69,7 +69,8 @@ def arms_profile(profile: Profile, rec: Recipe, arms=ARMS, seeds=(0,), out: Path
             if (folder / "adapter_config.json").is_file():
                 verify(folder)
                 models[arm_folder(arm, seed)] = dataclasses.replace(base, adapter=str(folder))
-    return dataclasses.replace(profile, models=models)
+    dtype = {"generation_dtype": rec.eval_dtype} if rec.eval_dtype else {}  # the recipe's evaluation dtype
+    return dataclasses.replace(profile, models=models, **dtype)
 
 
 def logged_norms(folders) -> dict:
@@ -109,13 +110,21 @@ def read_record(path: Path) -> dict:
                 "direction": f.get_tensor("direction")}
 
 
+GENERATION_ROWS = 100  # batched evaluation: rows per generation (harmful: 25 prompts x 4 conditions)
+
+
 def evaluate_model(profile: Profile, role: str, prompts: dict, radii: dict, settings: EvalSettings,
-                   run: Path | None = None) -> dict:
-    """The record of one model (see the module), cached in runs/<profile>/arms/<role>.safetensors."""
+                   run: Path | None = None, batched: bool = False) -> dict:
+    """The record of one model (see the module), cached in runs/<profile>/arms/<role>.safetensors.
+    batched: the harmful conditions generate together and the log-odds come from the generation's
+    first step (robustness.condition_completions); the same computation with other batch shapes, so
+    a few near-tied greedy tokens may differ: its own cache key."""
     run = Path(run or run_dir(profile))
     key = {"stage": VERSIONS.get("arms", "arms-v1"), "model": model_fingerprint(profile, role),
            "settings": dataclasses.asdict(settings), "radii": radii, "prompts": stable_hash(prompts),
            "layer": profile.layer, "dtype": profile.dtype, "gen_dtype": profile.gen_dtype}
+    if batched:
+        key["batched"] = GENERATION_ROWS
     path = run / "arms" / f"{role}.safetensors"
     hit = fresh(path, key, read_record)
     if hit is not None:
@@ -128,12 +137,10 @@ def evaluate_model(profile: Profile, role: str, prompts: dict, radii: dict, sett
     del model
     model, tokenizer = use_model(profile, role, profile.gen_dtype)
     record = {"role": role, "acts": acts, "direction": direction, "conditions": {}}
+    outs = condition_outputs(model, tokenizer, profile, prompts, direction, radii, settings, batched)
     for condition in CONDITIONS:
+        out = outs[condition]
         texts = prompts["harmless" if condition == "harmless" else "harmful"]
-        layer, eps = radii.get(condition, (None, 0.0))
-        with ablation(model, direction if condition == "ablated" else None):
-            out = attacked_completions(model, tokenizer, profile, texts, layer, eps, settings.attack_steps,
-                                       settings.tokens)
         record["conditions"][condition] = {**out, "labels": refusal_labels(out["turns"], texts)}
         print(f"{role} {condition}: refusal {np.mean(record['conditions'][condition]['labels']['project']):.3f}",
               flush=True)
@@ -141,20 +148,58 @@ def evaluate_model(profile: Profile, role: str, prompts: dict, radii: dict, sett
     return record
 
 
-@torch.no_grad()
-def transfer_log_odds(profile: Profile, records: dict, prompts: list[str]) -> "pd.DataFrame":
+def condition_outputs(model, tokenizer, profile: Profile, prompts: dict, direction: torch.Tensor, radii: dict,
+                      settings: EvalSettings, batched: bool = False) -> dict:
+    """{condition: {"turns", "log_odds"}} of one model in every condition (see the module), one condition
+    at a time (robustness.attacked_completions), or batched: the four harmful conditions of each 25
+    prompts in one generation of GENERATION_ROWS rows, the harmless prompts GENERATION_ROWS at a time
+    with the template's common start computed once (robustness.condition_completions)."""
+    if batched:
+        steps, tokens = settings.attack_steps, settings.tokens
+        harmful = {"harmful": (None, None, 0.0), "ablated": (direction, None, 0.0),
+                   "pgd_at": (None, *radii["pgd_at"]), "pgd_lat": (None, *radii["pgd_lat"])}
+        clean = {"harmless": (None, None, 0.0)}
+        return {**condition_completions(model, tokenizer, profile, prompts["harmless"], clean, steps, tokens,
+                                        GENERATION_ROWS, share_prefix=True),
+                **condition_completions(model, tokenizer, profile, prompts["harmful"], harmful, steps, tokens,
+                                        GENERATION_ROWS // len(harmful))}
+    outs = {}
+    for condition in CONDITIONS:
+        texts = prompts["harmless" if condition == "harmless" else "harmful"]
+        layer, eps = radii.get(condition, (None, 0.0))
+        with ablation(model, direction if condition == "ablated" else None):
+            outs[condition] = attacked_completions(model, tokenizer, profile, texts, layer, eps, settings.attack_steps,
+                                                   settings.tokens)
+    return outs
+
+
+def transfer_log_odds(profile: Profile, records: dict, prompts: list[str], run: Path | None = None) -> "pd.DataFrame":
     """Rows (model, direction_of, prompt, log_odds): refusal log-odds of each model with each model's
-    direction ablated at every layer (None: no ablation)."""
+    direction ablated at every layer (none: no ablation). Each cell is cached as the refusal-score
+    matrix's are (scores.score_key: the model's fingerprint, the direction's bytes, the prompts, the
+    dtype; not torch's thread count), in runs/<profile>/arms/scores/, so a rerun reads them back."""
     import pandas as pd
+    from ..scores import score_key, score_path
     from ..selection import subspace_refusal_log_odds
+    from ..store import cached, encode_jsonl, read_jsonl
+    from ..units import NO_ABLATION
+    run = Path(run or run_dir(profile))
     rows = []
     for role in records:
-        model, tokenizer = use_model(profile, role, profile.gen_dtype)
-        for source in [None, *records]:
-            basis = None if source is None else records[source]["direction"][None]
-            scores = subspace_refusal_log_odds(model, tokenizer, profile, prompts, basis)
-            rows += [{"model": role, "direction_of": source or "none", "prompt": i, "log_odds": float(s)}
-                     for i, s in enumerate(scores)]
+        for source in [NO_ABLATION, *records]:
+            direction = None if source == NO_ABLATION else records[source]["direction"]
+            layer = None if direction is None else profile.layer
+
+            def compute(info, role=role, direction=direction):
+                model, tokenizer = use_model(profile, role, profile.gen_dtype)
+                scores = subspace_refusal_log_odds(model, tokenizer, profile, prompts,
+                                                   None if direction is None else direction[None])
+                return [{"i": i, "prompt": p, "refusal_log_odds": float(s)}
+                        for i, (p, s) in enumerate(zip(prompts, scores))]
+            key = score_key(profile, role, source, layer, direction, prompts)
+            cell = cached(score_path(run / "arms", role, source, layer), key, compute, read_jsonl, encode_jsonl)
+            rows += [{"model": role, "direction_of": source, "prompt": r["i"], "log_odds": r["refusal_log_odds"]}
+                     for r in cell]
     return pd.DataFrame(rows)
 
 
@@ -301,7 +346,7 @@ def manifest(profile: Profile, rec: Recipe, arms, seeds, settings: EvalSettings)
     from ..store import sha256_file
     arms_p = arms_profile(profile, rec, arms, seeds)
     return {"stage": VERSIONS.get("arms", "arms-v1"), "profile": profile.name, "layer": profile.layer,
-            "gen_dtype": profile.gen_dtype, "settings": dataclasses.asdict(settings),
+            "gen_dtype": arms_p.gen_dtype, "settings": dataclasses.asdict(settings),
             "epsilon": {"at": arm_epsilon_value(rec, "at"), "lat": arm_epsilon_value(rec, "lat")},
             "prompts": stable_hash(eval_prompts(settings)),
             "adapters": {role: sha256_file(Path(spec.adapter) / "adapter_model.safetensors")
@@ -346,11 +391,12 @@ def rebuild_comparisons(folder: Path, publish: bool = False) -> "pd.DataFrame":
 
 
 def evaluate_arms(profile: Profile, rec: Recipe, arms, seeds, settings: EvalSettings, out: Path,
-                  run: Path | None = None, log=print, publish: bool = False) -> dict:
+                  run: Path | None = None, log=print, publish: bool = False, batched: bool = False) -> dict:
     """Evaluate the base and the <arm>-s<seed> adapter of every arm and seed named (each must be trained),
     write the tables (and manifest.json) into `out` and return them; per-model records are cached under
     runs/, so a rerun only adds what is new. A committed `out` (record.committed) is written only with
-    publish=True and only for the recipe's own arms and seeds (the tables the README cites)."""
+    publish=True and only for the recipe's own arms and seeds (the tables the README cites). batched:
+    evaluate_model's batched conditions (recorded in manifest.json)."""
     import time
     import pandas as pd
     arms, seeds = check_selection(arms, seeds)
@@ -371,10 +417,10 @@ def evaluate_arms(profile: Profile, rec: Recipe, arms, seeds, settings: EvalSett
     records = {}
     for role in arms_p.models:
         started = time.time()
-        records[role] = evaluate_model(arms_p, role, prompts, radii, settings, run)
+        records[role] = evaluate_model(arms_p, role, prompts, radii, settings, run, batched)
         log(f"{role}: {time.time() - started:.0f} s")
     shares = svd_shares(records)
-    scores = transfer_log_odds(arms_p, records, prompts["harmful"])
+    scores = transfer_log_odds(arms_p, records, prompts["harmful"], run)
     tables = {"rates": rate_table(records), "comparisons": comparisons(records), "svd_shares": shares,
               "svd_seed_spread": seed_spread(shares), "svd_paired_differences": second_component_differences(records),
               "transfer_summary": transfer_summary(scores), "transfer_log_odds": scores,
@@ -385,6 +431,7 @@ def evaluate_arms(profile: Profile, rec: Recipe, arms, seeds, settings: EvalSett
                                                                          o["log_odds"]))])}
     for name, table in tables.items():
         atomic_write(out / f"{name}.csv", table.to_csv(index=name == "transfer_summary").encode())
-    written = {**manifest(profile, rec, arms, seeds, settings), "radii": radii, "threads": torch.get_num_threads()}
+    written = {**manifest(profile, rec, arms, seeds, settings), "radii": radii, "threads": torch.get_num_threads(),
+               **({"batched": GENERATION_ROWS} if batched else {})}
     atomic_write(out / "manifest.json", (json.dumps(written, indent=1) + "\n").encode())
     return tables

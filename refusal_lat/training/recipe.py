@@ -59,6 +59,7 @@ class Recipe:
     eval_prompts: int = 100            # notebook 05: held-out harmful and harmless prompts, each
     eval_tokens: int = 32              # notebook 05: greedy tokens per judged completion
     eval_attack_steps: int = 6         # notebook 05: PGD steps of the held-out evaluation attack
+    eval_dtype: str = ""               # notebook 05: generation dtype of the evaluation ("" = the profile's)
     arms: tuple = ARMS                 # what `make train` and notebook 00 train
     seeds: tuple = ()                  # training seeds (LoRA init, order, attack noise); () = (seed,)
 
@@ -83,7 +84,8 @@ def recipe(profile: Profile, overrides: dict | None = None) -> Recipe:
     choices = {"epsilon_unit": ("absolute", "token_norm", "token_ball"), "data": ("refusal_mix", "hh_chosen"),
                "harmful_pool": ("train", "train+test"),
                "harmful_targets": ("mixed", "own_refusals"), "harmless_targets": ("all", "non_refusals"),
-               "attack_positions": ("all", "prompt"), "train_dtype": ("", "float32", "bfloat16", "float16")}
+               "attack_positions": ("all", "prompt"), "train_dtype": ("", "float32", "bfloat16", "float16"),
+               "eval_dtype": ("", "float32", "bfloat16", "float16")}
     for key, allowed in choices.items():
         if getattr(out, key) not in allowed:
             raise ConfigError(f"training recipe: {key} {getattr(out, key)!r} not in {list(allowed)}")

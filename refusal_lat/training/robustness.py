@@ -14,12 +14,14 @@ block (0, the embeddings) and LAT's (lat_layer).
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
 from ..config import Profile
 from ..generation import end_of_turn, end_of_turn_ids, greedy_tokens
-from ..hooks import perturbation
+from ..hooks import ablation, perturbation
 from ..judges import classify
 from ..prefix import last_position_logits
 from ..prompts import tokenize
@@ -77,6 +79,51 @@ def attacked_completions(model, tokenizer, profile: Profile, prompts: list[str],
         turns += tokenizer.batch_decode([t if c is None else t[:c] for t, c in zip(tokens, cuts)],
                                         skip_special_tokens=True)
     return {"turns": turns, "log_odds": log_odds}
+
+
+def condition_completions(model, tokenizer, profile: Profile, prompts: list[str], conditions: dict, steps: int,
+                          max_new_tokens: int, batch_size: int = 25, share_prefix: bool = False) -> dict:
+    """{condition: {"turns", "log_odds"}} as attacked_completions gives them, for several conditions on the
+    same prompts at once. `conditions`: {name: (direction, layer, epsilon)}, direction [d] ablated
+    everywhere (or None), the attack at block `layer` with radius epsilon (None or 0: none). Per chunk of
+    batch_size prompts, tokenized once: each attack runs on the chunk exactly as attacked_completions runs
+    it, then one greedy generation covers every condition's rows (a zero delta or a zero direction on the
+    other conditions' rows changes nothing), and its first step gives the log-odds, so the prompt is not
+    run a second time for them. share_prefix: compute the template's common start once (only without
+    attacks: an attack perturbs the whole prompt)."""
+    token_ids, stop = refusal_token_ids(tokenizer, profile), end_of_turn_ids(tokenizer)
+    device = next(model.parameters()).device
+    names = list(conditions)
+    out = {name: {"turns": [], "log_odds": []} for name in names}
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenize(tokenizer, profile, prompts[start:start + batch_size], device)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        k = len(ids)
+        directions = torch.zeros(len(names) * k, model.config.hidden_size)
+        deltas = {}  # block -> [rows, seq, d], zero outside the attacked condition's rows
+        for c, (direction, layer, epsilon) in enumerate(conditions.values()):
+            rows = slice(c * k, (c + 1) * k)
+            if direction is not None:
+                directions[rows] = direction
+            if layer is not None and epsilon > 0:
+                with ablation(model, direction):
+                    delta = prompt_attack(model, ids, mask, layer, epsilon, steps, token_ids)
+                deltas.setdefault(layer, torch.zeros(len(names) * k, *delta.shape[1:]))[rows] += delta
+        with contextlib.ExitStack() as hooks, torch.no_grad():
+            for layer, delta in deltas.items():
+                hooks.enter_context(perturbation(model, layer, delta))
+            tokens, first = greedy_tokens(model, ids.repeat(len(names), 1), mask.repeat(len(names), 1), max_new_tokens,
+                                          direction=directions if directions.any() else None, return_logits=True,
+                                          share_prefix=share_prefix and not deltas)
+        log_odds = refusal_log_odds_from_logits(first, token_ids).tolist()
+        tokens = tokens.tolist()
+        cuts = [end_of_turn(t, stop) for t in tokens]
+        turns = tokenizer.batch_decode([t if c is None else t[:c] for t, c in zip(tokens, cuts)],
+                                       skip_special_tokens=True)
+        for c, name in enumerate(names):
+            out[name]["turns"] += turns[c * k:(c + 1) * k]
+            out[name]["log_odds"] += log_odds[c * k:(c + 1) * k]
+    return out
 
 
 def refusal_labels(turns: list[str], prompts: list[str], judges=("project", "substring")) -> dict:
