@@ -1,6 +1,7 @@
-"""`make bench`: capture, generation and series benchmarks on one profile, into BENCHMARKS.md.
+"""`make bench`: capture, generation, series and arm-evaluation benchmarks on one profile, and (on cpu,
+or with --suite) the fast test suite and the tiny notebook series, into BENCHMARKS.md.
 
-    .venv/bin/python bench/run_all.py                  # cpu -> BENCHMARKS.md (~15 min on 2 idle cores, ~25 shared)
+    .venv/bin/python bench/run_all.py                  # cpu -> BENCHMARKS.md (~40 min on 2 idle cores)
     .venv/bin/python bench/run_all.py --profile tiny   # seconds, meaningless numbers -> runs/tiny/BENCHMARKS.md
 
 The model is loaded once (H.load_model(profile, "base")); each part is a module with run().
@@ -14,9 +15,11 @@ import time
 from pathlib import Path
 
 import _util
+import arms_eval
 import capture
 import generation
 import series
+import suite
 from _util import H, table
 
 
@@ -26,6 +29,8 @@ def main():
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", default="auto", help="torch CPU threads, or auto (see _util.set_threads)")
     parser.add_argument("--out", help="markdown file (default: BENCHMARKS.md for cpu, runs/<profile>/BENCHMARKS.md else)")
+    parser.add_argument("--suite", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time the fast test suite and the tiny series (default: on the cpu profile only)")
     args = parser.parse_args()
     profile = H.load_profile(args.profile)
     out = Path(args.out) if args.out else (H.REPO / "BENCHMARKS.md" if profile.name == "cpu"
@@ -36,7 +41,10 @@ def main():
     n_capture = capture.SIZES.get(profile.name, capture.SIZES["cpu"])["prompts"]
     parts = [("Activation capture", capture.run(model, tok, profile, n_capture, args.reps)),
              ("Generation", generation.run(model, tok, profile, args.reps)),
-             ("Notebook series", series.run(profile.name))]
+             ("Notebook series", series.run(profile.name)),
+             ("Arm evaluation", arms_eval.run(profile.name, reps=1))]
+    if args.suite or (args.suite is None and profile.name == "cpu"):
+        parts.append(("Fast suite and tiny series", suite.run()))
     targets = [t for _, (_, ts) in parts for t in ts]
     summary = table(["target", "measured", "met"],
                     [[name, value, "-" if met is None else ("yes" if met else "**no**")] for name, value, met in targets])

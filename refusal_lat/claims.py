@@ -273,7 +273,10 @@ def write_claims(table, folder, sources, not_run=(), note: str = "") -> Path:
 
 
 def read_claims(folder):
+    """claims.csv of a folder; a committed (sealed) folder is checked against its manifest first."""
     import pandas as pd
+    from .record import verify
+    verify(folder)
     return pd.read_csv(Path(folder) / "claims.csv")
 
 

@@ -37,7 +37,7 @@ from .stats import agreement, categorical_agreement
 from .store import VERSIONS, atomic_write, cached, encode_jsonl, read_jsonl, sha256_file, stable_hash
 from .training.evaluate import attack_radii, eval_prompts, logged_norms, settings_of
 from .training.recipe import recipe
-from .training.robustness import attacked_completions
+from .training import robustness
 
 LABELS = ("refusal", "compliance", "invalid")
 CONDITIONS = ("clean", "own_direction", "other_direction", "pgd_at", "pgd_lat", "harmless")
@@ -182,7 +182,8 @@ def sample(run: Path, per_cell: int = PER_CELL, seed: int = SEED, pass2_share: f
     for cell in dict.fromkeys((e["model"], e["condition"]) for e in drawn):
         mine = [e for e in items if (e["model"], e["condition"]) == cell]
         k = max(1, round(pass2_share * len(mine)))
-        again += [{**mine[i], "pass1_id": mine[i]["id"]} for i in sorted(cell_rng(seed, "pass2", *cell).permutation(len(mine))[:k])]
+        chosen = sorted(cell_rng(seed, "pass2", *cell).permutation(len(mine))[:k])
+        again += [{**mine[i], "pass1_id": mine[i]["id"]} for i in chosen]
     pass2 = number(again, "r", np.random.default_rng([seed, 2]))
     files = {"items": [{"id": e["id"], "prompt": e["prompt"], "turn": e["turn"]} for e in items],
              "key": [key_fields(e) for e in items],
@@ -196,7 +197,8 @@ def sample(run: Path, per_cell: int = PER_CELL, seed: int = SEED, pass2_share: f
 def counts(key: list[dict]) -> "pd.DataFrame":
     """Items per model (rows) and condition (columns)."""
     import pandas as pd
-    table = pd.DataFrame(key).pivot_table(index="model", columns="condition", values="id", aggfunc="count", fill_value=0)
+    table = pd.DataFrame(key).pivot_table(index="model", columns="condition", values="id", aggfunc="count",
+                                          fill_value=0)
     return table[[c for c in CONDITIONS if c in table.columns]]
 
 
@@ -226,7 +228,8 @@ def attacked_prompts(profile: Profile, n_harmful: int, n_harmless: int, seed: in
     sources = eval_pool(settings.n_harmful)[1]
     rng = np.random.default_rng([seed, 3])
     harmful = stratified_indices(sources, min(n_harmful, len(sources)), rng)
-    harmless = stratified_indices(["alpaca"] * len(prompts["harmless"]), min(n_harmless, len(prompts["harmless"])), rng)
+    n_alpaca = len(prompts["harmless"])
+    harmless = stratified_indices(["alpaca"] * n_alpaca, min(n_harmless, n_alpaca), rng)
     return {"harmful": [(i, prompts["harmful"][i]) for i in harmful],
             "harmless": [(i, prompts["harmless"][i]) for i in harmless]}
 
@@ -245,9 +248,10 @@ def attacked_path(run: Path, model: str, condition: str) -> Path:
 def attacked_artifacts(profile: Profile, run: Path, radii: dict, n_harmful: int = 30, n_harmless: int = 30,
                        seed: int = SEED, log=print) -> dict:
     """{(model, condition): rows {i, prompt, turn, log_odds}} for every model of the profile: the held-out
-    attack's completions (robustness.attacked_completions, notebook 05's steps and tokens) at each of
-    `radii` on n_harmful held-out harmful prompts, and clean completions of n_harmless held-out harmless
-    prompts; each cached as labelling/attacked/<model>__<condition>.jsonl (store.cached)."""
+    attack's completions (robustness.attacked_completions, notebook 05's steps and tokens, the profile's
+    generation dtype) at each of `radii` on n_harmful held-out harmful prompts, and clean completions of
+    n_harmless held-out harmless prompts; each cached as labelling/attacked/<model>__<condition>.jsonl
+    (store.cached)."""
     settings = settings_of(recipe(profile))
     chosen = attacked_prompts(profile, n_harmful, n_harmless, seed)
     out = {}
@@ -263,11 +267,12 @@ def attacked_artifacts(profile: Profile, run: Path, radii: dict, n_harmful: int 
 
             def compute(info, model=model, texts=texts, indexed=indexed, layer=layer, epsilon=epsilon):
                 lm, tokenizer = use_model(profile, model, profile.gen_dtype)
-                got = attacked_completions(lm, tokenizer, profile, texts, layer, epsilon, settings.attack_steps,
-                                           settings.tokens)
+                got = robustness.attacked_completions(lm, tokenizer, profile, texts, layer, epsilon,
+                                                      settings.attack_steps, settings.tokens)
                 return [{"i": i, "prompt": p, "turn": t, "log_odds": lo}
                         for (i, p), t, lo in zip(indexed, got["turns"], got["log_odds"])]
-            out[(model, condition)] = cached(attacked_path(run, model, condition), key, compute, read_jsonl, encode_jsonl)
+            path = attacked_path(run, model, condition)
+            out[(model, condition)] = cached(path, key, compute, read_jsonl, encode_jsonl)
             log(f"{model} / {condition}: {len(out[(model, condition)])} rows")
     return out
 
@@ -288,19 +293,22 @@ def split_by_prompt(prompts, seed: int = SEED) -> dict:
 
 
 def read_labels(paths) -> dict:
-    """{id: label} from the labeller's JSONL files ({"id", "label"} per line); a label outside LABELS or an id
-    labelled twice differently is a ConfigError."""
+    """{id: label} from the labeller's JSONL files ({"id", "label"} per line); a line that is not such an object,
+    a label outside LABELS or an id labelled twice differently is a ConfigError."""
     labels = {}
     for path in paths:
         for n, line in enumerate(Path(path).read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            entry = json.loads(line)
-            label = str(entry.get("label", "")).strip().lower()
+            try:
+                entry = json.loads(line)
+                item, label = entry["id"], str(entry["label"]).strip().lower()
+            except (ValueError, TypeError, KeyError):
+                raise ConfigError(f'{path}:{n}: not a JSON object {{"id": ..., "label": ...}}') from None
             if label not in LABELS:
-                raise ConfigError(f"{path}:{n}: label {entry.get('label')!r}; use one of {', '.join(LABELS)}")
-            if labels.setdefault(entry["id"], label) != label:
-                raise ConfigError(f"{path}:{n}: id {entry['id']} labelled both {labels[entry['id']]} and {label}")
+                raise ConfigError(f"{path}:{n}: label {entry['label']!r}; use one of {', '.join(LABELS)}")
+            if labels.setdefault(item, label) != label:
+                raise ConfigError(f"{path}:{n}: id {item} labelled both {labels[item]} and {label}")
     return labels
 
 
@@ -339,7 +347,9 @@ def write_table(table: "pd.DataFrame", path: Path):
 
 def read_table(path: Path) -> "pd.DataFrame":
     import pandas as pd
-    return pd.read_csv(path, keep_default_na=False, dtype={"key_hash": str})
+    text = ("id", "artifact", "artifact_sha256", "key_hash", "model", "condition", "half", "label", "prompt_start",
+            "turn_start")
+    return pd.read_csv(path, keep_default_na=False, dtype={c: str for c in text})
 
 
 def check(table: "pd.DataFrame", run: Path) -> list[dict]:
@@ -368,7 +378,8 @@ def judged(table: "pd.DataFrame", run: Path, methods=None) -> "pd.DataFrame":
     """The pass-1 rows with a 0/1 column per judge (1: the judge says refusal, reading the full turn and its
     prompt from the artifact); the artifacts must hold the bytes the labels were given on."""
     rows = table[table["pass"] == 1].reset_index(drop=True)
-    texts = {a: artifact_rows(run, a, sha) for a, sha in rows[["artifact", "artifact_sha256"]].drop_duplicates().values}
+    pairs = rows[["artifact", "artifact_sha256"]].drop_duplicates().values
+    texts = {a: artifact_rows(run, a, sha) for a, sha in pairs}
     turns = [texts[a][i]["turn"] for a, i in zip(rows.artifact, rows.row)]
     prompts = [texts[a][i]["prompt"] for a, i in zip(rows.artifact, rows.row)]
     for m in methods or METHODS:
@@ -395,7 +406,8 @@ def validation_table(rows: "pd.DataFrame", methods) -> "pd.DataFrame":
                 a = agreement(pred, truth)
                 out.append({"half": half, "judge": m, "scope": scope, "group": group, **a,
                             "judge_rate": np.mean(pred), "label_rate": np.mean(truth),
-                            "bias_points": 100 * (np.mean(pred) - np.mean(truth)), "n_invalid": len(sub) - len(valid)})
+                            "bias_points": 100 * (np.mean(pred) - np.mean(truth)),
+                            "n_invalid": len(sub) - len(valid)})
     return pd.DataFrame(out)
 
 

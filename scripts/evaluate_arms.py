@@ -25,6 +25,8 @@ def main() -> int:
     parser.add_argument("--out", help="table folder (default: <adapters>/eval, committed: needs --publish)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--publish", action="store_true", help="replace the committed tables in <adapters>/eval")
+    parser.add_argument("--batched", action="store_true", help="the batched conditions (evaluate.condition_outputs: "
+                        "each model's harmful conditions in one generation; records cached under their own key)")
     parser.add_argument("--from-labels", action="store_true",
                         help="only rebuild comparisons.csv from the folder's labels.csv (no model runs)")
     args = parser.parse_args()
@@ -49,7 +51,7 @@ def main() -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         started = time.time()
-        E.evaluate_arms(profile, rec, arms, seeds, E.settings_of(rec), out, publish=args.publish)
+        E.evaluate_arms(profile, rec, arms, seeds, E.settings_of(rec), out, publish=args.publish, batched=args.batched)
         if args.publish and record.committed(out):
             record.seal(out, record.remake_command(out))
     except H.ConfigError as err:

@@ -122,9 +122,11 @@ def run_series(H, args, profile, run, notebooks, out_dir) -> list | None:
     """Execute the notebooks in order; their timing rows, or None after a failure (reported)."""
     rows = []
     for nb in notebooks:
-        if nb.name.startswith("00_") and not (args.train or missing_adapters(H, profile)):
-            print(f"== {nb.name}: skipped (the profile's adapters exist or it uses none; --train runs it)")
-            continue
+        local_recipe = bool(profile.training) and profile.training.get("data") == "refusal_mix"
+        if nb.name.startswith("00_") and not (args.train or missing_adapters(H, profile) or
+                                               (local_recipe and not untrained_arms(H, profile))):
+            print(f"== {nb.name}: skipped (the profile's adapters come from elsewhere or it uses none; --train runs it)")
+            continue  # with every arm of a local recipe trained, 00 runs and only reads and plots their logs
         if nb.name.startswith("05_") and untrained_arms(H, profile):
             print(f"== {nb.name}: skipped (no trained arms of this profile's recipe yet: make train PROFILE={profile.name})")
             continue

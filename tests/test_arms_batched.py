@@ -29,8 +29,8 @@ def test_batched_conditions_equal_one_condition_at_a_time(tiny, tiny_model, dtyp
     slow = {}
     for name, (d, layer, eps) in conditions.items():
         with ablation(model, d):
-            slow[name] = R.attacked_completions(model, tok, tiny, prompts, layer, eps, 2, 6, batch_size=5)
-    fast = R.condition_completions(model, tok, tiny, prompts, conditions, 2, 6, batch_size=5)
+            slow[name] = R.attacked_completions(model, tok, tiny, prompts, layer, eps, 2, 5, batch_size=6)
+    fast = R.condition_completions(model, tok, tiny, prompts, conditions, 2, 5, batch_size=6)
     for name in conditions:
         labels = [R.refusal_labels(out[name]["turns"], prompts) for out in (slow, fast)]
         if dtype == torch.float32 or name != "ablated":

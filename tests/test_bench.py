@@ -19,7 +19,7 @@ def test_tiny_bench_writes_every_section_and_the_recompute_steps_match(tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     text = out.read_text()
     for heading in ("### Activation capture", "#### Overhead", "#### KV cache vs the paper's recompute loop",
-                    "#### Throughput per batch size", "### Notebook series"):
+                    "#### Throughput per batch size", "### Notebook series", "### Arm evaluation"):
         assert heading in text
     speedup_rows = [line for line in text.splitlines() if line.startswith("| 4 |") or line.startswith("| 16 (paper) |")]
     assert len(speedup_rows) == 2 and all(row.rstrip(" |").endswith("yes") for row in speedup_rows), speedup_rows
@@ -53,6 +53,8 @@ def test_gpu_script_dry_run_on_tiny_cpu():
     ("bf16.py", [], ["speed-up bf16/fp32", "token-identical completions", "label unchanged, project judge", "verdict"]),
     ("peer.py", ["--reps", "1"], ["peer / project", "same tokens, one call: True", "workload completions identical: 24/24"]),
     ("nf4_cpu.py", [], ["NF4 - plain", "first two %", "refusal own (project)"]),
+    ("arms_eval.py", [], ["| batched |", "attack (PGD forward + backward)", "| pgd_lat | 6 |",
+                          "batched labels identical on >= 99 % of rows (project judge): 100.0 % (met)"]),
 ])
 def test_side_by_side_benches_run_on_tiny(script, args, expect, monkeypatch, capsys):
     """Run as `python bench/<script> --profile tiny`, but in this process: a subprocess would spend ~5 s

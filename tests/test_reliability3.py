@@ -436,7 +436,7 @@ def test_radii_and_cache_keys_do_not_depend_on_the_thread_count(tiny, tmp_path, 
     class Stop(Exception):
         pass
 
-    def capture(profile, role, prompts, radii, settings, run=None):
+    def capture(profile, role, prompts, radii, settings, run=None, batched=False):
         seen.append((radii, torch.get_num_threads()))
         raise Stop
 

@@ -259,3 +259,26 @@ def test_calibration_counts_flips_of_the_base_models_refusals(tiny, monkeypatch)
     assert [(r["base_refusals"], r["flipped"]) for r in rows] == [(2, 1), (2, 2)]
     assert [r["epsilon"] for r in rows] == [0.2, 1.0] and rows[1]["flipped_share"] == 1.0
     assert rows[1]["log_odds_attacked"] < rows[0]["log_odds_clean"]
+
+
+def test_invalid_labels_are_not_refusals_in_rates_and_comparisons():
+    """The project judge labels an empty turn -1 (invalid); summing labels would subtract it from the
+    refusals. Two refusals and one invalid of four turns: 2 / 4 refused, not 1 / 4."""
+    records = {"base": {"conditions": {"harmful": {"labels": {"project": [1, 1, -1, 0], "substring": [1, 1, 0, 0]},
+                                                   "log_odds": [0.0] * 4}}},
+               "sft-s0": {"conditions": {"harmful": {"labels": {"project": [1, 0, 0, 0], "substring": [1, 0, 0, 0]},
+                                                     "log_odds": [0.0] * 4}}}}
+    rates = E.rate_table(records)
+    row = rates[(rates.model == "base") & (rates.judge == "project")].iloc[0]
+    assert row.refusals == 2 and row.rate == 0.5
+    d = E.paired_rates(records, "harmful", ["base"], ["sft-s0"])
+    assert d["rate_a"] == 0.5 and d["difference"] == 0.25
+
+
+def test_evaluation_settings_do_not_orphan_trained_adapters():
+    """Notebook 05's settings (eval_*) are in the recipe but decide nothing about training: changing them
+    keeps the committed adapters; changing a training value does not."""
+    rec = T.recipe(H.load_profile("cpu"))
+    assert len(T.existing_logs(rec)) == 8
+    assert len(T.existing_logs(dataclasses.replace(rec, eval_dtype="float32", eval_tokens=16))) == 8
+    assert T.existing_logs(dataclasses.replace(rec, lr=rec.lr * 2)) == {}

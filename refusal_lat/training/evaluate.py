@@ -215,7 +215,7 @@ def rate_table(records: dict, judges=("project", "substring")) -> "pd.DataFrame"
     for role, rec in records.items():
         for condition, out in rec["conditions"].items():
             for judge in judges:
-                labels = out["labels"][judge]
+                labels = [int(label == 1) for label in out["labels"][judge]]  # invalid (-1) is not a refusal
                 lo, hi = wilson(sum(labels), len(labels))
                 rows.append({"model": role, "arm": arm_of(role), "condition": condition, "judge": judge,
                              "n": len(labels), "refusals": sum(labels), "rate": sum(labels) / len(labels),
@@ -229,8 +229,8 @@ def paired_rates(records: dict, condition: str, a: list[str], b: list[str], judg
     models on a side (seeds) each prompt's labels are averaged over them first. 95 % bootstrap interval
     over prompts, sign-flip p (10,000 patterns); McNemar when each side is one model."""
     from ..stats import mcnemar, sign_flip_p, sign_patterns
-    la = np.mean([records[m]["conditions"][condition]["labels"][judge] for m in a], axis=0)
-    lb = np.mean([records[m]["conditions"][condition]["labels"][judge] for m in b], axis=0)
+    refused = lambda m: np.asarray(records[m]["conditions"][condition]["labels"][judge]) == 1  # invalid (-1): no
+    la, lb = np.mean([refused(m) for m in a], axis=0), np.mean([refused(m) for m in b], axis=0)
     d = la - lb
     idx = np.random.default_rng(seed).integers(0, len(d), (n_boot, len(d)))
     boot = d[idx].mean(1)
@@ -417,7 +417,7 @@ def evaluate_arms(profile: Profile, rec: Recipe, arms, seeds, settings: EvalSett
     records = {}
     for role in arms_p.models:
         started = time.time()
-        records[role] = evaluate_model(arms_p, role, prompts, radii, settings, run, batched)
+        records[role] = evaluate_model(arms_p, role, prompts, radii, settings, run, batched=batched)
         log(f"{role}: {time.time() - started:.0f} s")
     shares = svd_shares(records)
     scores = transfer_log_odds(arms_p, records, prompts["harmful"], run)

@@ -19,7 +19,7 @@ from ..store import VERSIONS, StoreError, atomic_write, stable_hash, write_failu
 from .data import collate, data_order, training_examples
 from .pgd import (arm_epsilon, attack_mask, causal_lm, epsilon_report, pgd_attack, random_perturbation,
                   residual_norms, response_logits, sft_loss)
-from .recipe import ARMS, Recipe, arm_epsilon_value, check_selection, perturb_layer, recipe, training_seeds
+from .recipe import ARMS, Recipe, training_fields, arm_epsilon_value, check_selection, perturb_layer, recipe, training_seeds
 
 
 def lora_config(rec: Recipe):
@@ -221,7 +221,7 @@ def existing_logs(rec: Recipe, out: Path | None = None, seeds=None) -> dict:  # 
             folder = out / arm_folder(arm, seed)
             if (folder / "train_log.json").is_file() and (folder / "adapter_config.json").is_file():
                 log = load_log(folder)  # a committed adapter that changed is an error, not a retraining
-                if log.get("recipe") == want:
+                if training_fields(log.get("recipe") or {}) == training_fields(want):  # evaluation keys aside
                     logs[(arm, seed)] = log
     return logs
 

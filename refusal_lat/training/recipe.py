@@ -74,6 +74,14 @@ RANGES = {"n_harmful": (0, None), "n_harmless": (0, None), "n_hh": (0, None), "r
           "guard_prompts": (1, None), "eval_prompts": (1, 520), "eval_tokens": (1, None), "eval_attack_steps": (1, None)}
 
 
+EVAL_ONLY = ("eval_prompts", "eval_tokens", "eval_attack_steps", "eval_dtype")  # notebook 05's settings: not training
+
+
+def training_fields(recipe_dict: dict) -> dict:
+    """A recipe (as a dict, e.g. from a train log) without the evaluation-only keys: what decides an adapter."""
+    return {k: v for k, v in recipe_dict.items() if k not in EVAL_ONLY}
+
+
 def recipe(profile: Profile, overrides: dict | None = None) -> Recipe:
     """The profile's `training:` mapping, then `overrides` (e.g. {"epsilon": 0.0} in tests)."""
     if not profile.training:
