@@ -19,7 +19,7 @@ sign the paper claims. `verdict` turns it into words, one rule for every cell:
 
 Where the paper has no value for a comparison (our SFT control, AT's direction on LAT), the claim's
 smallest paper effect stands in for it (flagged `paper_is_proxy`). A claim's cell combines its
-comparisons: one verdict if they agree, else "mixed (…)".
+comparisons: one verdict if they agree, else "mixed: …" with the counts.
 """
 from __future__ import annotations
 
@@ -95,14 +95,14 @@ def verdict(lo: float, hi: float, expect: int, paper: float | None) -> str:
 
 
 def combine(verdicts) -> str:
-    """One verdict for a claim's comparisons: the shared one, else 'mixed (2 reproduced, 1 opposite)'."""
+    """One verdict for a claim's comparisons: the shared one, else 'mixed: 2 reproduced; 1 opposite'."""
     verdicts = list(verdicts)
     if not verdicts:
         return "not measured"
     if len(set(verdicts)) == 1:
         return verdicts[0]
     counts = [f"{verdicts.count(v)} {v}" for v in VERDICTS if v in verdicts]
-    return "mixed (" + ", ".join(counts) + ")"
+    return "mixed: " + "; ".join(counts)
 
 
 def comparison_row(claim: str, source: str, reference: str, a: str, b: str, unit: str, n: int, a_value: float,
@@ -264,9 +264,12 @@ def write_claims(table, folder, sources, not_run=(), note: str = "") -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "claims.csv", table[COLUMNS].to_csv(index=False).encode())
-    rule = ("Verdicts: paired differences a − b with basic bootstrap 95 % intervals; *reproduced* = the interval "
-            "excludes 0 on the paper's side, *opposite* = on the other side, *not reproduced* = it holds 0 but "
-            "excludes the paper's effect, *cannot tell (power)* = it holds both. Every number: claims.csv.")
+    rule = ("Verdicts: LAT minus each reference, paired differences with basic bootstrap 95 % intervals; *reproduced* = "
+            "the interval excludes 0 on the paper's side and reaches the paper's effect, *reproduced, weaker* = it "
+            "excludes 0 on the paper's side but lies short of the paper's effect, *opposite* = it excludes 0 on the "
+            "other side, *not reproduced* = it holds 0 but excludes the paper's effect, *cannot tell (power)* = it "
+            "holds both. Where the paper has no value (SFT, AT's direction in LAT) its smallest effect for the claim "
+            "stands in; log-odds rows have none. Every number: claims.csv.")
     atomic_write(folder / "claims.md", (claims_markdown(table, sources, not_run) + "\n" + rule + "\n"
                                         + (note + "\n" if note else "")).encode())
     return folder / "claims.md"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -284,12 +285,26 @@ def first_words(text: str, n: int = WORDS) -> str:
     return " ".join(text.split()[:n])[:MAX_CHARS]
 
 
-def split_by_prompt(prompts, seed: int = SEED) -> dict:
-    """{prompt: "fit" | "held_out"}: the distinct prompts in a seeded random order, the first half "fit"."""
-    distinct = sorted(set(prompts))
-    order = np.random.default_rng([seed, 4]).permutation(len(distinct))
-    half = math.ceil(len(distinct) / 2)
-    return {distinct[i]: "fit" if k < half else "held_out" for k, i in enumerate(order)}
+def split_by_prompt(prompts, strata=None, seed: int = SEED) -> dict:
+    """{prompt: "fit" | "held_out"}, one half per prompt. A prompt recurs over models and conditions, so the
+    distinct prompts are taken in a seeded random order and each goes to the half where its items keep the
+    two halves' item counts per stratum (model and condition) closest; ties to the half with fewer items."""
+    items = {}
+    for prompt, stratum in zip(prompts, strata or [""] * len(prompts)):
+        items.setdefault(prompt, Counter())[stratum] += 1
+    distinct = sorted(items)
+    size = {"fit": Counter(), "held_out": Counter()}
+
+    def gap(half: str, prompt: str) -> int:
+        other = size["held_out" if half == "fit" else "fit"]
+        grown = size[half] + items[prompt]
+        return sum((grown[s] - other[s]) ** 2 for s in set(grown) | set(other))
+    out = {}
+    for i in np.random.default_rng([seed, 4]).permutation(len(distinct)):
+        prompt = distinct[i]
+        out[prompt] = min(("fit", "held_out"), key=lambda h: (gap(h, prompt), sum(size[h].values())))
+        size[out[prompt]] += items[prompt]
+    return out
 
 
 def read_labels(paths) -> dict:
@@ -336,7 +351,8 @@ def import_labels(run: Path, label_files, seed: int = SEED) -> "pd.DataFrame":
         row = rows_of[k["artifact"]][k["row"]]
         records.append({**k, "pass": n_pass, "label": labels[k["id"]], "prompt": row["prompt"],
                         "prompt_start": first_words(row["prompt"]), "turn_start": first_words(row["turn"])})
-    halves = split_by_prompt([r["prompt"] for r in records if r["pass"] == 1], seed)
+    first = [r for r in records if r["pass"] == 1]
+    halves = split_by_prompt([r["prompt"] for r in first], [(r["model"], r["condition"]) for r in first], seed)
     table = pd.DataFrame([{**r, "half": halves[r["prompt"]]} for r in records])
     return table[list(TABLE_COLUMNS)].reset_index(drop=True)
 

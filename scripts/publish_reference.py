@@ -1,9 +1,12 @@
-"""Copy the executed notebooks of a finished run to notebooks/reference/<profile>/, for readers on GitHub.
+"""Copy the executed notebooks of a finished run to notebooks/reference/<profile>/, for readers on GitHub,
+and the run's figures (and claims/summary tables) to figures/<profile>/.
 
 Usage: python scripts/publish_reference.py [--profile cpu] [--run-dir runs/cpu] --publish
 
-notebooks/reference/<profile>/ is committed: --publish is the explicit consent to replace it; the folder
-is sealed again afterwards (MANIFEST.json, refusal_lat/record.py).
+notebooks/reference/<profile>/ and figures/<profile>/ are committed: --publish is the explicit consent to
+replace them; each folder is sealed again afterwards (MANIFEST.json, refusal_lat/record.py). The copies
+are cleaned for readers: no stderr output (library warnings, progress lines), no widget state, and no
+absolute paths of the machine that ran them.
 
 Refuses (exit 1, nothing copied) when an output shows more of a harmful prompt or of a generated
 completion than its first few words: every evaluation prompt and every completion of the run's
@@ -59,12 +62,34 @@ def leaks(text: str, run: Path) -> list[str]:
     return found
 
 
+def cleaned(notebook: Path, roots: list[str]) -> str:
+    """The executed notebook as JSON text without stderr outputs and widget state, with every absolute
+    checkout path in `roots` written relative."""
+    nb = json.loads(notebook.read_text())
+    nb.get("metadata", {}).pop("widgets", None)
+    for cell in nb["cells"]:
+        if "outputs" not in cell:
+            continue
+        outs = [o for o in cell["outputs"] if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
+        for o in outs:
+            o.get("data", {}).pop("application/vnd.jupyter.widget-view+json", None)
+        cell["outputs"] = [o for o in outs if o.get("output_type") != "display_data" or o.get("data")]
+    text = json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
+    for root in sorted(roots, key=len, reverse=True):
+        text = text.replace(root.rstrip("/") + "/", "")
+    return text
+
+
+FIGURE_FILES = ("*.png", "claims.md", "claims.csv", "summary.md")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--run-dir", default=None)
     parser.add_argument("--only", nargs="*", help="notebook name prefixes to copy, e.g. 05 (default: all)")
     parser.add_argument("--publish", action="store_true", help="replace the committed notebooks/reference/<profile>/")
+    parser.add_argument("--root", nargs="*", help="other absolute checkout paths to write relative (default: this one)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from refusal_lat import record
@@ -85,9 +110,22 @@ def main() -> int:
     try:
         record.check_writable(target, args.publish, "scripts/publish_reference.py")
         target.mkdir(parents=True, exist_ok=True)
+        roots = [str(REPO), str(run.resolve().parents[1]), *(args.root or [])]
         for nb in notebooks:
-            shutil.copyfile(nb, target / nb.name)
+            (target / nb.name).write_text(cleaned(nb, roots))
         record.seal(target, record.remake_command(target))
+        figures = run / "figures"
+        if figures.is_dir() and not args.only:
+            out = REPO / "figures" / args.profile
+            record.check_writable(out, args.publish, "scripts/publish_reference.py")
+            out.mkdir(parents=True, exist_ok=True)
+            for pattern in FIGURE_FILES:  # the run's figures replace the folder's: none of an older run stays
+                for f in sorted(out.glob(pattern)):
+                    f.unlink()
+                for f in sorted(figures.glob(pattern)):
+                    shutil.copyfile(f, out / f.name)
+            record.seal(out, record.remake_command(out))
+            print(f"copied the figures of {figures} to {out} and sealed it")
     except record.CommittedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

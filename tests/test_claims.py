@@ -25,7 +25,7 @@ def test_verdict_rule():
     assert C.verdict(-1.0, 20.0, +1, 15.0) == "cannot tell (power)"  # both inside
     assert C.verdict(-1.0, 2.0, +1, None) == "cannot tell (power)"
     assert C.combine(["reproduced", "reproduced"]) == "reproduced"
-    assert C.combine(["reproduced", "opposite", "opposite"]) == "mixed (1 reproduced, 2 opposite)"
+    assert C.combine(["reproduced", "opposite", "opposite"]) == "mixed: 1 reproduced; 2 opposite"
 
 
 def test_paper_values_come_from_table1_and_the_svd_table():

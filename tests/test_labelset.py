@@ -128,14 +128,12 @@ def test_import_labels_commits_first_words_only_and_check_catches_changes(tmp_pa
     full = [r["prompt"] for r in read_jsonl(run / "labelling" / "items.jsonl")]
     full += [r["turn"] for r in read_jsonl(run / "labelling" / "items.jsonl")]
     assert not [t for t in full if t in committed]
-    # a prompt lies in one half only, and the halves hold about half of the prompts each
+    # a prompt lies in one half only (its second-pass rows included)
     prompts = [read_jsonl(run / a)[r]["prompt"] for a, r in zip(table.artifact, table.row)]
     halves = {}
     for p, h in zip(prompts, table.half):
         halves.setdefault(p, set()).add(h)
-    assert all(len(h) == 1 for h in halves.values())
-    fit = sum(h == {"fit"} for h in halves.values())
-    assert fit - (len(halves) - fit) in (0, 1)
+    assert all(len(h) == 1 for h in halves.values()) and set(table.half) == {"fit", "held_out"}
     # the committed table reads back, and every row is still keyed to its artifact row
     read = L.read_table(path)
     assert L.check(read, run) == []
@@ -216,11 +214,20 @@ def test_validate_numbers_by_hand(tmp_path):
     assert intra["refusal_kappa"] == pytest.approx((4 / 5 - p_e2) / (1 - p_e2))
 
 
-def test_split_by_prompt_is_seeded_and_halves(tmp_path):
-    prompts = [f"p{i}" for i in range(11)] * 3
-    split = L.split_by_prompt(prompts, seed=0)
-    assert split == L.split_by_prompt(list(reversed(prompts)), seed=0) != L.split_by_prompt(prompts, seed=1)
-    assert sorted(split) == sorted(set(prompts)) and list(split.values()).count("fit") == 6
+def test_split_by_prompt_is_seeded_and_balances_each_stratum():
+    # 20 prompts; the first ten recur three times in stratum "a", the last ten once in "a" and once in "b"
+    prompts = [f"p{i}" for i in range(10)] * 3 + [f"p{i}" for i in range(10, 20)] * 2
+    strata = ["a"] * 30 + ["a"] * 10 + ["b"] * 10
+    split = L.split_by_prompt(prompts, strata, seed=0)
+    assert split == L.split_by_prompt(prompts[::-1], strata[::-1], seed=0)  # the order of the items does not matter
+    assert split != L.split_by_prompt(prompts, strata, seed=1)
+    assert sorted(split) == sorted(set(prompts))
+    for seed in range(20):  # halves of ten prompts each would differ by 4 or more items in "a" for most seeds
+        split = L.split_by_prompt(prompts, strata, seed)
+        for stratum in "ab":
+            mine = [p for p, x in zip(prompts, strata) if x == stratum]
+            fit, held = (sum(split[p] == h for p in mine) for h in ("fit", "held_out"))
+            assert abs(fit - held) <= 2, (seed, stratum)
 
 
 def test_stratified_indices_keep_each_groups_share():

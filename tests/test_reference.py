@@ -49,3 +49,29 @@ def test_committed_reference_notebooks_show_no_whole_harmful_prompt():
         text = P.output_text(nb)
         shown = [p[:40] for p in harmful if p[:P.SHOWN] in text]
         assert not shown, f"{nb.name} shows whole harmful prompts: {shown[:3]}"
+
+
+def test_published_copies_carry_no_stderr_widgets_or_machine_paths(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x", outputs=[
+        nbformat.v4.new_output("stream", name="stdout", text="artifacts -> /home/me/repo/runs/cpu\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="FutureWarning: something in /home/me/repo/x.py\n"),
+        nbformat.v4.new_output("display_data", data={"application/vnd.jupyter.widget-view+json": {"model_id": "1"}}),
+        nbformat.v4.new_output("display_data", data={"text/plain": "kept"})])])
+    nb.metadata["widgets"] = {"state": {}}
+    nbformat.write(nb, tmp_path / "01_x.ipynb")
+    out = json.loads(P.cleaned(tmp_path / "01_x.ipynb", ["/home/me/repo"]))
+    outputs = out["cells"][0]["outputs"]
+    assert [o["output_type"] for o in outputs] == ["stream", "display_data"]
+    assert "".join(outputs[0]["text"]) == "artifacts -> runs/cpu\n" and "widgets" not in out["metadata"]
+
+
+def test_committed_reference_notebooks_carry_no_stderr_widgets_or_machine_paths():
+    notebooks = sorted((REPO / "notebooks" / "reference").glob("*/*.ipynb"))
+    assert notebooks, "no reference notebooks committed"
+    for path in notebooks:
+        text = path.read_text()
+        nb = json.loads(text)
+        streams = [o.get("name") for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "stream"]
+        assert "stderr" not in streams, f"{path.name} shows stderr output"
+        assert "widget-view+json" not in text and "widgets" not in nb.get("metadata", {}), f"{path.name} holds widget state"
+        assert "/work/" not in text and "/home/" not in text and "/root/" not in text, f"{path.name} shows a machine path"
