@@ -37,7 +37,7 @@ def test_no_module_reads_the_mirror_except_the_resolver():
 @pytest.fixture
 def no_mirror(tmp_path, monkeypatch):
     """The resolver as it runs on a user's machine: no mirror, an empty data/cache, network via `fetch`."""
-    mirror = data.data_search_dirs()[-1]
+    mirror = next((d for d in data.data_search_dirs() if (d / "refusal_direction").is_dir()), data.data_search_dirs()[-1])
     monkeypatch.delenv("REFUSAL_LAT_DATA_DIR", raising=False)
     monkeypatch.setattr(data, "REPO", tmp_path / "repo")
     asked = []
