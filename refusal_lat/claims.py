@@ -106,11 +106,12 @@ def combine(verdicts) -> str:
 
 
 def comparison_row(claim: str, source: str, reference: str, a: str, b: str, unit: str, n: int, a_value: float,
-                   b_value: float, estimate: float, lo: float, hi: float, p: float, paper_role: str | None = None
-                   ) -> dict:
+                   b_value: float, estimate: float, lo: float, hi: float, p: float, paper_role: str | None = None,
+                   like_paper: bool = True) -> dict:
     """One scored comparison of LAT against the reference model `reference` (paper_role: its role in the
-    paper, base / AT, for the paper's value of the same comparison; default: `reference`)."""
-    paper = paper_difference(claim, "LAT", paper_role or reference)
+    paper, base / AT, for the paper's value of the same comparison; default: `reference`). like_paper=False:
+    units the paper has no value in (log-odds), so no paper value and no proxy."""
+    paper = paper_difference(claim, "LAT", paper_role or reference) if like_paper else math.nan
     proxy = paper is None
     if proxy:
         paper = smallest_paper_effect(claim)
@@ -187,10 +188,8 @@ def transfer_comparisons(cells: dict, source: str, lat: str = "LAT", others=None
             x, y = np.asarray(cells[ca], np.float64), np.asarray(cells[cb], np.float64)
             est, lo, hi, p = paired_rate_difference(x, y, n_boot, seed)
             rows.append(comparison_row(claim, source, m, a, b, unit, len(x), scale * x.mean(), scale * y.mean(),
-                                       scale * est, scale * lo, scale * hi, p, roles.get(m, m)))
-            if unit != "pp refusal":  # the paper's numbers are refusal rates: no like-for-like value
-                rows[-1].update({"paper": math.nan, "paper_is_proxy": False,
-                                 "verdict": verdict(rows[-1]["lo"], rows[-1]["hi"], EXPECT[claim], None)})
+                                       scale * est, scale * lo, scale * hi, p, roles.get(m, m),
+                                       like_paper=unit == "pp refusal"))  # the paper's numbers are refusal rates
     return rows
 
 
@@ -286,10 +285,6 @@ def read_claims(folder):
 # ----------------------------------------------------------------------------------------------
 # 5. The trained arms' tables (notebook 05: every arm and seed), pooled over seeds
 
-def arm_of(model: str) -> str:
-    return model.rsplit("-s", 1)[0] if "-s" in model else model
-
-
 ARM_ROLES = {"base": "base", "sft": "SFT", "at": "AT", "lat": "LAT"}
 
 
@@ -298,6 +293,7 @@ def arm_table_comparisons(tables: dict, source: str, layer: int, n_boot: int = 2
     C1 from svd_paired_differences at `layer` (LAT − SFT of the same seed, LAT − base; one row per seed),
     C3b from the own-direction-ablated completions (project judge), C2 / C3a from the first-token refusal
     log-odds with every model's direction ablated in every model (judge-free; no paper value in these units)."""
+    from .training.evaluate import arm_of
     rows = []
     paired, shares = tables["svd_paired_differences"], tables["svd_shares"]
     if len(paired):
