@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 
-.PHONY: setup reproduce test test-slow smoke train train-check bench lab kernel clean-runs
+.PHONY: setup reproduce test test-slow smoke train train-check train-sweep bench lab kernel clean-runs
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv .venv
@@ -29,8 +29,11 @@ smoke: setup  ## the whole series on the tiny profile, training notebook include
 train: setup  ## train every arm and seed of PROFILE's recipe, two at a time (training.py; ~35 min on cpu; PUBLISH=1 into adapters/)
 	$(PY) scripts/train_adapters.py --profile $(PROFILE) --jobs 2 $(if $(PUBLISH),--publish)
 
-train-check: setup  ## retrain one committed adapter (ARM=lat-s0) and compare it byte for byte
-	$(PY) scripts/train_adapters.py --profile $(PROFILE) --check $(or $(ARM),lat-s0)
+train-check: setup  ## retrain one committed adapter (ARM=lat-s0; BUDGET=0.14: of the v3 sweep) and compare it byte for byte
+	$(PY) scripts/train_adapters.py --profile $(PROFILE) $(if $(BUDGET),--budget $(BUDGET)) --check $(or $(ARM),lat-s0)
+
+train-sweep: setup  ## training v3: every point of PROFILE's budget sweep not yet trained, two at a time (PUBLISH=1 into adapters/)
+	$(PY) scripts/train_adapters.py --profile $(PROFILE) --sweep --jobs 2 $(if $(PUBLISH),--publish)
 
 bench: setup  ## side-by-side benchmarks on PROFILE, written to BENCHMARKS.md
 	$(PY) bench/run_all.py --profile $(PROFILE)

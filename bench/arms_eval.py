@@ -6,7 +6,7 @@ the attack (PGD forward + backward), the separate log-odds forward, and generati
 The activations and the direction (float32) are computed once, outside the comparison, and timed once,
 as is one transfer cell (a forward pass over the harmful prompts with a direction ablated).
 
-    .venv/bin/python bench/arms_eval.py [--profile cpu] [--role lat-s0] [--reps 1] [--n 100]
+    .venv/bin/python bench/arms_eval.py [--profile cpu] [--role lat-s0] [--reps 1] [--n 100] [--dtype float32]
 """
 from __future__ import annotations
 
@@ -52,9 +52,10 @@ def phase_timer(spent: collections.Counter):
                                                          ("greedy_tokens", "generation (prefill + decode)"))}
 
 
-def run(profile_name: str = "cpu", role: str | None = None, reps: int = 1, n: int | None = None, log=print):
+def run(profile_name: str = "cpu", role: str | None = None, reps: int = 1, n: int | None = None, log=print,
+        dtype: str | None = None):
     profile = H.load_profile(profile_name)
-    rec = T.recipe(profile)
+    rec = T.recipe(profile, {"eval_dtype": dtype} if dtype else None)
     settings = E.settings_of(rec)
     settings = dataclasses.replace(settings, n_harmful=n, n_harmless=n) if n else settings
     arms_p = E.arms_profile(profile, rec, rec.arms, T.training_seeds(rec))
@@ -135,8 +136,10 @@ def main():
     ap.add_argument("--role", help="default: the last trained adapter (base without any)")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--n", type=int, help="harmful and harmless prompts (default: the recipe's eval_prompts)")
+    ap.add_argument("--dtype", help="generation dtype (default: the recipe's eval_dtype; float32 on a CPU "
+                                    "without native bfloat16)")
     args = ap.parse_args()
-    md, targets = run(args.profile, args.role, args.reps, args.n)
+    md, targets = run(args.profile, args.role, args.reps, args.n, dtype=args.dtype)
     print(f"## Arm evaluation ({args.profile})\n\n{md}\n")
     for name, value, met in targets:
         print(f"{name}: {value} ({'met' if met else 'missed'})")

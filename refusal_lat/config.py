@@ -61,6 +61,7 @@ class Profile:
     n_harmless_check: int = 100    # harmless prompts generated with and without ablation
     device: str = "auto"           # auto (CUDA when present) | cpu | cuda
     training: dict = field(default_factory=dict)  # notebook 00's recipe (refusal_lat.training.Recipe keys)
+    sweep: dict = field(default_factory=dict)     # training v3's budget sweep (refusal_lat.training.sweep)
     train_threads: int = 0         # torch CPU threads while training adapters (0 = torch's default)
     generation_dtype: str = ""     # weights' dtype while generating and scoring refusal (units, refusal-score
                                    # matrix); "" = dtype. Activations, directions and the SVD keep dtype

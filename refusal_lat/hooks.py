@@ -195,11 +195,13 @@ def activation_addition(model, vector: torch.Tensor, layer: int):
 
 
 @contextmanager
-def perturbation(model, layer: int | None, delta: torch.Tensor | None):
+def perturbation(model, layer: int | None, delta: torch.Tensor | None, clamp: bool = False):
     """Add delta [batch, seq, d] to the input of decoder block `layer` (training's AT/LAT attack, the
-    evaluation's attacks); a no-op for None. During KV-cached generation delta applies to the prefill
-    (the prompt, same length as delta); one-token decode steps pass unchanged, so the continuation
-    attends to the perturbed prompt. `model` may be a PEFT wrapper (LoRA layers are injected in place)."""
+    evaluation's attacks); a no-op for None. clamp: the perturbed input is clamped to each example's
+    clean [min, max] (over its positions and channels; the authors' LAT, training v3). During KV-cached
+    generation delta applies to the prefill (the prompt, same length as delta); one-token decode steps
+    pass unchanged, so the continuation attends to the perturbed prompt. `model` may be a PEFT wrapper
+    (LoRA layers are injected in place)."""
     if layer is None or delta is None:
         yield
         return
@@ -207,7 +209,12 @@ def perturbation(model, layer: int | None, delta: torch.Tensor | None):
 
     def add(index, hidden):
         if hidden.shape[1] == delta.shape[1]:
-            return hidden + delta.to(device=hidden.device, dtype=hidden.dtype)
+            out = hidden + delta.to(device=hidden.device, dtype=hidden.dtype)
+            if clamp:
+                lo = hidden.detach().amin(dim=(1, 2), keepdim=True)
+                hi = hidden.detach().amax(dim=(1, 2), keepdim=True)
+                out = torch.clamp(out, lo, hi)
+            return out
         if hidden.shape[1] == 1:
             return None  # a decode step after the perturbed prefill
         raise ConfigError(f"perturbation of {delta.shape[1]} positions met a block input of {hidden.shape[1]}; "

@@ -16,13 +16,15 @@ def format_prompt(tokenizer, profile: Profile, instruction: str) -> str:
     return profile.template.format(prompt=instruction)
 
 
-def tokenize(tokenizer, profile: Profile, instructions: list[str], device="cpu", max_length: int | None = None):
+def tokenize(tokenizer, profile: Profile, instructions: list[str], device="cpu", max_length: int | None = None,
+             prefill: str = ""):
     """Left-padded batch. A literal template gets the tokenizer's BOS (as TransformerLens adds it);
-    a chat template already contains whatever special tokens the model expects."""
+    a chat template already contains whatever special tokens the model expects. prefill: text the
+    model's turn starts with (the prefilling attack), placed after the template's turn opening."""
     if not instructions:
         raise ConfigError("empty prompt list: nothing to run; check the dataset sizes in the profile")
     check_prompts(instructions)
-    texts = [format_prompt(tokenizer, profile, p) for p in instructions]
+    texts = [format_prompt(tokenizer, profile, p) + prefill for p in instructions]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=profile.template != "chat")
     if max_length is not None and batch["attention_mask"].sum(1).max() > max_length:
         longest = int(batch["attention_mask"].sum(1).argmax())

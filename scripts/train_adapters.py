@@ -3,6 +3,9 @@
     python scripts/train_adapters.py --profile cpu --arms sft at lat rand --seeds 0 1 --jobs 2 --publish
     python scripts/train_adapters.py --profile cpu --check lat-s0        # retrain one, compare bytes
     python scripts/train_adapters.py --profile tiny --set epsilon=0.2 --out /tmp/adapters
+    python scripts/train_adapters.py --profile cpu --sweep --jobs 2 --publish   # training v3: every point
+    python scripts/train_adapters.py --profile cpu --budget 0.14 --arms lat --seeds 0 --publish
+    python scripts/train_adapters.py --profile cpu --budget 0.14 --check lat-s0
 
 Each arm and seed goes to <out>/<arm>-s<seed>/ (default out: the recipe's `adapters` folder): the PEFT
 adapter, its training log (JSON + CSV) and COMMAND.txt with the exact command line, the git commit and
@@ -11,6 +14,9 @@ processes of one torch thread each (the data are built first, once). --check ARM
 adapter into a temporary folder and compares its adapter_model.safetensors with the committed one byte
 for byte (exit 1 when they differ). The recipe's folder (under adapters/) is committed: training into it
 needs --publish, which then seals each adapter folder again (MANIFEST.json, refusal_lat/record.py).
+--budget B trains the point B of the profile's budget sweep (`sweep:` in configs/<profile>.yaml,
+refusal_lat/training/sweep.py; B = 0 is its SFT point) into <sweep adapters>/eps<B>/; --sweep trains
+every point not yet trained, cheapest first, each in its own process (--jobs at a time).
 """
 import argparse
 import filecmp
@@ -70,6 +76,41 @@ def run_jobs(args, jobs: list[tuple[str, int]]) -> int:
     return failed
 
 
+def sweep_point(profile, budget: float) -> dict:
+    """The recipe overrides of one point of the profile's sweep (a one-line error for a budget it lacks)."""
+    from refusal_lat.config import ConfigError
+    from refusal_lat.training import sweep as S
+    sw = S.sweep_of(profile)
+    if budget != 0 and budget not in sw.budgets:
+        raise ConfigError(f"--budget {budget:g} is not a point of {profile.name}'s sweep; its budgets: "
+                          f"{[0, *sw.budgets]} (0: the SFT point)")
+    return S.point_overrides(sw, budget)
+
+
+def run_sweep(args, profile) -> int:
+    """Every (budget, arm, seed) of the sweep whose adapter folder is missing, each in its own process
+    (--budget B --arms A --seeds S, one torch thread), `args.jobs` at a time, SFT and AT first (cheapest)."""
+    from refusal_lat.training import sweep as S
+    sw = S.sweep_of(profile)
+    todo = [(b, a, s) for b, a, s in S.points(sw)
+            if not (REPO / S.point_folder(sw, b, a, s) / "adapter_model.safetensors").is_file()]
+    todo.sort(key=lambda p: ({"sft": 0, "at": 1, "rand": 2, "lat": 3}[p[1]], p[0], p[2]))
+    print(f"sweep: {len(todo)} of {len(S.points(sw))} adapters to train: "
+          + ", ".join(S.point_folder(sw, *p) for p in todo), flush=True)
+    base = [sys.executable, str(Path(__file__).resolve()), "--profile", args.profile, "--threads", "1"]
+    base += ["--publish"] if args.publish else []
+    pending, running, failed = list(todo), [], 0
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            b, a, s = pending.pop(0)
+            running.append(subprocess.Popen(base + ["--budget", f"{b:g}", "--arms", a, "--seeds", str(s)]))
+        time.sleep(5)
+        for proc in [p for p in running if p.poll() is not None]:
+            running.remove(proc)
+            failed += proc.returncode != 0
+    return 1 if failed else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="cpu")
@@ -81,6 +122,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1, help="adapters trained at a time, one thread each")
     parser.add_argument("--check", metavar="ARM-sSEED", help="retrain one adapter and compare it byte for byte")
     parser.add_argument("--publish", action="store_true", help="replace committed adapters (under adapters/)")
+    parser.add_argument("--budget", type=float, help="a point of the profile's budget sweep (0: its SFT point)")
+    parser.add_argument("--sweep", action="store_true", help="train every point of the budget sweep not yet trained")
     parser.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
@@ -90,7 +133,11 @@ def main() -> int:
     from refusal_lat import record
     try:
         profile = H.load_profile(args.profile)
+        if args.sweep:
+            return run_sweep(args, profile)
         overrides = parse_set(args.set)
+        if args.budget is not None:
+            overrides = {**sweep_point(profile, args.budget), **overrides}
         rec = T.recipe(profile, overrides)
         args.arms, seeds = T.check_selection(args.arms or rec.arms,
                                              args.seeds if args.seeds is not None else T.training_seeds(rec), args.threads)

@@ -17,8 +17,8 @@ from ..models.load import decoder_layers, free_memory, load_model, model_bytes
 from ..hooks import perturbation
 from ..store import VERSIONS, StoreError, atomic_write, stable_hash, write_failure
 from .data import collate, data_order, training_examples
-from .pgd import (arm_epsilon, attack_mask, causal_lm, epsilon_report, pgd_attack, random_perturbation,
-                  residual_norms, response_logits, sft_loss)
+from .pgd import (arm_epsilon, attack_mask, causal_lm, epsilon_report, loss_increase, matched_random_epsilon,
+                  pgd_attack, random_perturbation, residual_norms, response_logits, sft_loss)
 from .recipe import ARMS, Recipe, training_fields, arm_epsilon_value, check_selection, perturb_layer, recipe, training_seeds
 
 
@@ -97,12 +97,12 @@ def train_arm(model, tokenizer, examples: list[dict], rec: Recipe, arm: str, eps
         attack, delta = None, None
         if arm in ("at", "lat"):
             attack = pgd_attack(peft_model, batch, layer, epsilon, rec.attack_steps, attack_noise,
-                                per_token=per_token, positions=rec.attack_positions)
+                                per_token=per_token, positions=rec.attack_positions, clamp=rec.clamp)
             delta = attack.delta
         elif arm == "rand":  # the control: a random perturbation of the same radius, no search
             delta = random_perturbation(attack_mask(batch, rec.attack_positions), d_model, epsilon, per_token,
                                         attack_noise)
-        with perturbation(peft_model, layer, delta):
+        with perturbation(peft_model, layer, delta, clamp=rec.clamp):
             loss_attacked = sft_loss(peft_model, batch)
         loss, row = loss_attacked, {"loss_attacked": loss_attacked.item()}
         if clean:
@@ -150,6 +150,30 @@ def clean_losses(model, examples: list[dict], rec: Recipe, pad_id: int, per_kind
                   for i in range(0, len(chosen), 8)]
         out[kind] = sum(losses) / len(losses)
     return out
+
+
+CALIBRATION_BATCHES = 4  # attacked batches (the first of the step order) that calibrate the random control
+
+
+def match_random(model, examples: list[dict], rec: Recipe, eps_lat: float, pad_id: int) -> dict:
+    """rand_match "loss": LAT's PGD (its radius, steps, positions, clamp) on the untrained base raises the
+    SFT loss of the first CALIBRATION_BATCHES attacked batches by some amount; the random control gets
+    the radius whose random perturbation raises it as much (pgd.matched_random_epsilon)."""
+    if rec.epsilon_unit == "token_ball":
+        raise ConfigError("training recipe: rand_match 'loss' needs a whole-sequence ball (epsilon_unit "
+                          "token_norm or absolute)")
+    device = next(model.parameters()).device
+    order = step_order([e.get("kind", "harmful") for e in examples], rec)[:CALIBRATION_BATCHES]
+    batches = [{k: v.to(device) for k, v in collate([examples[i] for i in attacked], pad_id).items()}
+               for attacked, _ in order]
+    model.requires_grad_(False)
+    g = torch.Generator().manual_seed(rec.seed + 2)
+    deltas = [pgd_attack(model, b, rec.lat_layer, eps_lat, rec.attack_steps, g, positions=rec.attack_positions,
+                         clamp=rec.clamp).delta for b in batches]
+    target = loss_increase(model, batches, rec.lat_layer, deltas, rec.clamp)
+    out = matched_random_epsilon(model, batches, rec.lat_layer, target, eps_lat, rec.attack_positions, rec.clamp,
+                                 seed=rec.seed)
+    return {**out, "lat_epsilon": eps_lat, "batches": CALIBRATION_BATCHES}
 
 
 def adapter_root(rec: Recipe) -> Path:
@@ -312,12 +336,17 @@ def train_profile(profile: Profile, arms=None, overrides: dict | None = None, ou
                 model, _ = load_training_base(profile, rec)
             layer = perturb_layer(rec, arm)
             eps = None if layer is None else arm_epsilon(rec, arm, norms)
+            matched = None
+            if arm == "rand" and rec.rand_match == "loss":
+                matched = match_random(model, examples, rec, eps, tokenizer.pad_token_id)
+                eps = matched["epsilon"]
             guard = refusal_guard(profile, rec, tokenizer, baseline) if rec.guard_every else None
             before = clean_losses(model, examples, rec, tokenizer.pad_token_id)
             peft_model, log = train_arm(model, tokenizer, examples, rec, arm, eps, progress=progress, guard=guard)
             log["epsilon"] = None if layer is None else {
                 "unit": rec.epsilon_unit, "value": arm_epsilon_value(rec, arm), "layer": layer,
-                **epsilon_report(eps, norms[layer], per_token=rec.epsilon_unit == "token_ball")}
+                **epsilon_report(eps, norms[layer], per_token=rec.epsilon_unit == "token_ball"),
+                **({"loss_matched": matched} if matched else {})}
             after = clean_losses(peft_model, examples, rec, tokenizer.pad_token_id)
             log = {**common, "recipe": dataclasses.asdict(rec), "order_hash": stable_hash(step_order(
                        [e["kind"] for e in examples], rec)), **log, "guard_baseline": baseline,

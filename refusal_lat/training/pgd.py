@@ -82,11 +82,13 @@ class Attack:
 
 
 def pgd_attack(model, batch: dict, layer: int, epsilon: float, steps: int, generator: torch.Generator,
-               random_init: bool = True, per_token: bool = False, positions: str = "all") -> Attack:
+               random_init: bool = True, per_token: bool = False, positions: str = "all",
+               clamp: bool = False) -> Attack:
     """Untargeted L2 PGD on the input of block `layer` that maximises the SFT loss. per_token=False
-    (v1, Casper): one ball over each example's whole perturbation, steps of eps / steps along the
+    (v1, v3, Casper): one ball over each example's whole perturbation, steps of eps / steps along the
     example-normalised gradient. per_token=True (v2): a ball per token, steps of 2 eps / steps along the
-    token-normalised gradient (a sign-like L2 step that spends the budget on every token)."""
+    token-normalised gradient (a sign-like L2 step that spends the budget on every token). clamp (v3):
+    the perturbed input stays inside each example's clean [min, max] (hooks.perturbation)."""
     lm = causal_lm(model)
     mask = attack_mask(batch, positions)
     d_model = lm.config.hidden_size
@@ -97,7 +99,7 @@ def pgd_attack(model, batch: dict, layer: int, epsilon: float, steps: int, gener
     losses, norms = [], []
     for _ in range(steps):
         delta.requires_grad_(True)
-        with perturbation(model, layer, delta):
+        with perturbation(model, layer, delta, clamp=clamp):
             loss = sft_loss(model, batch)
         (grad,) = torch.autograd.grad(loss, delta)
         losses.append(loss.item())
@@ -152,8 +154,45 @@ def arm_epsilon(rec: Recipe, arm: str, norms: dict) -> float:
 
 def epsilon_report(epsilon: float, norms: dict, per_token: bool = False) -> dict:
     """An absolute eps, and relative: to the median whole-sequence norm of the clean block input (the
-    quantity the ball bounds; the first token's large activation dominates it in later blocks) and per
-    token (eps spread evenly over the median length, over the median token norm)."""
-    return {"absolute": epsilon, **norms, "relative_to_sequence_norm": epsilon / norms["sequence_norm"],
-            "per_token_relative": epsilon / norms["token_norm"] if per_token else
-            epsilon / math.sqrt(norms["tokens"]) / norms["token_norm"]}
+    quantity the ball bounds; the first token's large activation dominates it in later blocks), per
+    token (eps spread evenly over the median length, over the median token norm) and, for a
+    whole-sequence ball, concentrated (the whole budget on one token, over the median token norm)."""
+    out = {"absolute": epsilon, **norms, "relative_to_sequence_norm": epsilon / norms["sequence_norm"],
+           "per_token_relative": epsilon / norms["token_norm"] if per_token else
+           epsilon / math.sqrt(norms["tokens"]) / norms["token_norm"]}
+    if not per_token:
+        out["concentrated_token_relative"] = epsilon / norms["token_norm"]
+    return out
+
+
+@torch.no_grad()
+def loss_increase(model, batches: list[dict], layer: int, deltas: list[torch.Tensor], clamp: bool = False) -> float:
+    """Mean over batches of SFT loss with the batch's delta at block `layer` minus the clean loss."""
+    rises = []
+    for batch, delta in zip(batches, deltas):
+        clean = sft_loss(model, batch).item()
+        with perturbation(model, layer, delta, clamp=clamp):
+            rises.append(sft_loss(model, batch).item() - clean)
+    return sum(rises) / len(rises)
+
+
+def matched_random_epsilon(model, batches: list[dict], layer: int, target: float, start: float, positions: str,
+                           clamp: bool, seed: int = 0, iterations: int = 14, most: float = 1e4) -> dict:
+    """The radius whose random perturbation (random_perturbation, whole-sequence ball) raises the mean
+    SFT loss over `batches` by `target` (LAT's PGD rise at its radius `start`): bisection in log radius
+    between start and start x `most`, the same noise draws at every radius. Returns {epsilon, rise,
+    target, reached} (reached False: even the largest radius falls short; epsilon is then the largest)."""
+    d_model = causal_lm(model).config.hidden_size
+    noise = []
+    for i, batch in enumerate(batches):  # unit-radius draws, scaled below: the rise is monotone in the radius
+        g = torch.Generator().manual_seed(seed * 1000 + i)
+        noise.append(random_perturbation(attack_mask(batch, positions), d_model, 1.0, False, g))
+    rise = lambda eps: loss_increase(model, batches, layer, [n * eps for n in noise], clamp)  # noqa: E731
+    lo, hi = math.log(start), math.log(start * most)
+    top = rise(math.exp(hi))
+    if top < target:
+        return {"epsilon": math.exp(hi), "rise": top, "target": target, "reached": False}
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if rise(math.exp(mid)) < target else (lo, mid)
+    return {"epsilon": math.exp(hi), "rise": rise(math.exp(hi)), "target": target, "reached": True}

@@ -3,6 +3,7 @@ configs/<profile>.yaml (the reasons for each value are written there)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
 from ..config import ConfigError, Profile, check_fields, check_ranges
@@ -60,6 +61,10 @@ class Recipe:
     eval_tokens: int = 32              # notebook 05: greedy tokens per judged completion
     eval_attack_steps: int = 6         # notebook 05: PGD steps of the held-out evaluation attack
     eval_dtype: str = ""               # notebook 05: generation dtype of the evaluation ("" = the profile's)
+    # v3 (issue 31): the authors' LAT at small scale
+    clamp: bool = False                # perturbed block input clamped to each example's clean [min, max]
+    rand_match: str = "epsilon"        # rand's radius: "epsilon" (LAT's) | "loss": the radius whose random
+                                       # perturbation raises the base model's loss as much as LAT's PGD does
     arms: tuple = ARMS                 # what `make train` and notebook 00 train
     seeds: tuple = ()                  # training seeds (LoRA init, order, attack noise); () = (seed,)
 
@@ -78,8 +83,12 @@ EVAL_ONLY = ("eval_prompts", "eval_tokens", "eval_attack_steps", "eval_dtype")  
 
 
 def training_fields(recipe_dict: dict) -> dict:
-    """A recipe (as a dict, e.g. from a train log) without the evaluation-only keys: what decides an adapter."""
-    return {k: v for k, v in recipe_dict.items() if k not in EVAL_ONLY}
+    """A recipe (as a dict, e.g. from a train log) without the evaluation-only keys: what decides an adapter.
+    Keys the log predates (added to Recipe later, e.g. v3's clamp) count with their default, which is
+    what the adapter was trained with."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe) if f.default is not dataclasses.MISSING}
+    full = {**json.loads(json.dumps(defaults)), **recipe_dict}
+    return {k: v for k, v in full.items() if k not in EVAL_ONLY}
 
 
 def recipe(profile: Profile, overrides: dict | None = None) -> Recipe:
@@ -92,7 +101,7 @@ def recipe(profile: Profile, overrides: dict | None = None) -> Recipe:
     choices = {"epsilon_unit": ("absolute", "token_norm", "token_ball"), "data": ("refusal_mix", "hh_chosen"),
                "harmful_pool": ("train", "train+test"),
                "harmful_targets": ("mixed", "own_refusals"), "harmless_targets": ("all", "non_refusals"),
-               "attack_positions": ("all", "prompt"), "train_dtype": ("", "float32", "bfloat16", "float16"),
+               "attack_positions": ("all", "prompt"), "rand_match": ("epsilon", "loss"), "train_dtype": ("", "float32", "bfloat16", "float16"),
                "eval_dtype": ("", "float32", "bfloat16", "float16")}
     for key, allowed in choices.items():
         if getattr(out, key) not in allowed:

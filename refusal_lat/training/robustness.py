@@ -81,6 +81,28 @@ def attacked_completions(model, tokenizer, profile: Profile, prompts: list[str],
     return {"turns": turns, "log_odds": log_odds}
 
 
+def prefilled_completions(model, tokenizer, profile: Profile, prompts: list[str], prefill: str, max_new_tokens: int,
+                          direction: torch.Tensor | None = None, batch_size: int = 25) -> dict:
+    """The prefilling attack: the model's turn starts with `prefill` (an affirmative opening such as
+    "Sure, here is") and it continues greedily. {"turns", "log_odds"}: the continuation only (the
+    prefix is not part of the judged turn) and the refusal log-odds of its first token."""
+    token_ids, stop = refusal_token_ids(tokenizer, profile), end_of_turn_ids(tokenizer)
+    device = next(model.parameters()).device
+    turns, log_odds = [], []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenize(tokenizer, profile, prompts[start:start + batch_size], device, prefill=prefill)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        with torch.no_grad():
+            tokens, first = greedy_tokens(model, ids, mask, max_new_tokens, return_logits=True, share_prefix=False,
+                                          direction=direction)
+        log_odds += refusal_log_odds_from_logits(first, token_ids).tolist()
+        tokens = tokens.tolist()
+        cuts = [end_of_turn(t, stop) for t in tokens]
+        turns += tokenizer.batch_decode([t if c is None else t[:c] for t, c in zip(tokens, cuts)],
+                                        skip_special_tokens=True)
+    return {"turns": turns, "log_odds": log_odds}
+
+
 def condition_completions(model, tokenizer, profile: Profile, prompts: list[str], conditions: dict, steps: int,
                           max_new_tokens: int, batch_size: int = 25, share_prefix: bool = False) -> dict:
     """{condition: {"turns", "log_odds"}} as attacked_completions gives them, for several conditions on the
