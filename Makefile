@@ -1,6 +1,7 @@
 # Thin wrappers. Every target creates .venv (and installs requirements.txt) when it is missing.
 PROFILE ?= cpu
 PUBLISH ?=  # PUBLISH=1: replace the committed adapters (train) or figures/<profile>/ (reproduce): --publish
+ARGS ?=     # extra arguments: make lab ARGS="--port 8899 --no-browser"; make reproduce ARGS="--overrides n_eval=16"
 PYTHON ?= python3
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
@@ -15,7 +16,7 @@ $(STAMP): requirements.txt
 setup: $(STAMP)
 
 reproduce: setup  ## run notebooks/NN_*.ipynb in order on PROFILE (default cpu) through papermill
-	$(PY) scripts/run_notebooks.py --profile $(PROFILE) $(if $(PUBLISH),--publish)
+	$(PY) scripts/run_notebooks.py --profile $(PROFILE) $(if $(PUBLISH),--publish) $(ARGS)
 
 test: setup  ## fast tests (tiny model, seconds)
 	$(PY) -m pytest -q -m "not slow" tests
@@ -38,8 +39,8 @@ train-sweep: setup  ## training v3: every point of PROFILE's budget sweep not ye
 bench: setup  ## side-by-side benchmarks on PROFILE, written to BENCHMARKS.md
 	$(PY) bench/run_all.py --profile $(PROFILE)
 
-lab: setup  ## JupyterLab on this venv, opened in notebooks/ (Ctrl-C stops it)
-	.venv/bin/jupyter lab --notebook-dir=notebooks
+lab: setup  ## JupyterLab on this venv, opened in notebooks/ (Ctrl-C stops it); ARGS="--port 8899 --no-browser" (as root: --allow-root is added)
+	.venv/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
 kernel: setup  ## register this venv as the kernel "refusal-lat" for a Jupyter you already have
 	$(PY) -m ipykernel install --user --name refusal-lat --display-name "Python (refusal-lat)"

@@ -1,7 +1,7 @@
 """The notebooks' one import: `import helpers as H`. Every name here is defined in a stage module of
 refusal_lat/ (docs/design.md); read and patch it there. The order follows the data flow:
 profile -> data -> models -> prompts -> activations -> SVD -> directions -> generation -> judges ->
-statistics -> layer selection -> report.
+statistics -> layer selection -> report -> figures (H.plots draws each figure in H.style's one look).
 """
 from refusal_lat.config import (  # noqa: F401
     REPO,
@@ -13,6 +13,7 @@ from refusal_lat.config import (  # noqa: F401
     figure_dir,
     load_profile,
     model_role_spec,
+    paper_recipe_note,
     run_dir,
     start,
 )
@@ -131,6 +132,7 @@ from refusal_lat import claims  # noqa: F401  (the paper's claims as directional
 from refusal_lat.reference import AUTHORS_FROBENIUS, AUTHORS_FROBENIUS_PAIRS, PAPER_SVD, PAPER_SWEEP_BEST, PAPER_SWEEP_REFUSAL, PAPER_TABLE1  # noqa: F401
 from refusal_lat.report import (  # noqa: F401
     PAPER_COLUMN,
+    activation_findings,
     compares_to_paper,
     error_bars,
     markdown_table,
@@ -145,3 +147,17 @@ from refusal_lat.report import (  # noqa: F401
     svd_findings,
     transfer_beside_paper,
 )
+
+
+def __getattr__(name):
+    """H.plots (every figure of the series) and H.style (its one look) import matplotlib on first use only."""
+    if name in ("plots", "style"):
+        import importlib
+        return importlib.import_module(f"refusal_lat.{name}")
+    raise AttributeError(f"module 'helpers' has no attribute {name!r}")
+
+
+def sweep_tables(profile, run):
+    """Notebook 07: (sweep, tables) of training v3's budget sweep (refusal_lat.training.sweep_eval.tables_for)."""
+    from refusal_lat.training.sweep_eval import tables_for
+    return tables_for(profile, run)

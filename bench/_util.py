@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 from importlib.metadata import version  # noqa: E402
 
-import helpers as H  # noqa: E402
+from refusal_lat.data import prompt_sets  # noqa: E402
 
 try:  # glibc: hand every allocation >= 64 KiB back to the OS when freed, so RSS tracks live tensors
     ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (also turns off its dynamic growth)
@@ -146,7 +146,7 @@ def mib(n: float) -> str:
 
 def bench_prompts(profile, n: int) -> list[str]:
     """n real prompts: the profile's eval prompts, then its direction sets, cycled if too few."""
-    sets = H.prompt_sets(profile)
+    sets = prompt_sets(profile)
     pool = sets.eval + sets.harmful + sets.harmless
     return [pool[i % len(pool)] for i in range(n)]
 

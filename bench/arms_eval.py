@@ -17,7 +17,10 @@ import time
 
 import numpy as np
 
-from _util import H, compare, med, ratio, spread, table
+from _util import compare, med, ratio, spread, table
+from refusal_lat.activations import block_inputs  # noqa: E402
+from refusal_lat.config import load_profile  # noqa: E402
+from refusal_lat.data import prompt_sets  # noqa: E402
 
 import training as T
 from refusal_lat.models import pool
@@ -54,7 +57,7 @@ def phase_timer(spent: collections.Counter):
 
 def run(profile_name: str = "cpu", role: str | None = None, reps: int = 1, n: int | None = None, log=print,
         dtype: str | None = None):
-    profile = H.load_profile(profile_name)
+    profile = load_profile(profile_name)
     rec = T.recipe(profile, {"eval_dtype": dtype} if dtype else None)
     settings = E.settings_of(rec)
     settings = dataclasses.replace(settings, n_harmful=n, n_harmless=n) if n else settings
@@ -68,8 +71,8 @@ def run(profile_name: str = "cpu", role: str | None = None, reps: int = 1, n: in
     prompts = E.eval_prompts(settings)
     started = time.perf_counter()
     model, tok = pool.use_model(arms_p, role)
-    sets = H.prompt_sets(arms_p)
-    harmful, harmless = (H.block_inputs(model, tok, arms_p, p)[:, arms_p.layer] for p in (sets.harmful, sets.harmless))
+    sets = prompt_sets(arms_p)
+    harmful, harmless = (block_inputs(model, tok, arms_p, p)[:, arms_p.layer] for p in (sets.harmful, sets.harmless))
     direction = harmful.mean(0) - harmless.mean(0)
     acts_s = time.perf_counter() - started
     model, tok = pool.use_model(arms_p, role, arms_p.gen_dtype)

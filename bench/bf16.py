@@ -28,14 +28,21 @@ import copy
 
 import torch
 
-from _util import H, compare, med, spread, table
+from _util import compare, med, spread, table
+from refusal_lat.activations import activations  # noqa: E402
+from refusal_lat.config import load_profile  # noqa: E402
+from refusal_lat.data import prompt_sets  # noqa: E402
+from refusal_lat.directions import directions  # noqa: E402
+from refusal_lat.judges import METHODS, classify, judge_inputs  # noqa: E402
+from refusal_lat.prompts import tokenize  # noqa: E402
+from refusal_lat.units import NO_ABLATION, generation_units  # noqa: E402
 
 from refusal_lat.models import pool
 
 
 def run_units(profile, run, prompts, dirs, units):
     started = time.perf_counter()
-    out = H.generation_units(profile, run, prompts, dirs, units)
+    out = generation_units(profile, run, prompts, dirs, units)
     return time.perf_counter() - started, out
 
 
@@ -43,7 +50,7 @@ def run_units(profile, run, prompts, dirs, units):
 def logits_whole_model(model, tok, profile, prompts):
     """The earlier path: the whole model with logits_to_keep=1 (the lm_head gets a strided slice)."""
     from refusal_lat.prefix import forward_after_prefix, prefill_shared_prefix
-    b = H.tokenize(tok, profile, prompts)
+    b = tokenize(tok, profile, prompts)
     ids, mask, cache = prefill_shared_prefix(model, b["input_ids"], b["attention_mask"])
     return forward_after_prefix(model, ids, mask, cache, logits_to_keep=1).logits[:, -1]
 
@@ -51,7 +58,7 @@ def logits_whole_model(model, tok, profile, prompts):
 @torch.no_grad()
 def logits_trunk(model, tok, profile, prompts):
     from refusal_lat.prefix import last_position_logits, prefill_shared_prefix
-    b = H.tokenize(tok, profile, prompts)
+    b = tokenize(tok, profile, prompts)
     ids, mask, cache = prefill_shared_prefix(model, b["input_ids"], b["attention_mask"])
     return last_position_logits(model, ids, mask, cache)[0]
 
@@ -80,21 +87,21 @@ def main():
     ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--prefill-only", action="store_true")
     args = ap.parse_args()
-    prefill(H.load_profile(args.profile), H.prompt_sets(H.load_profile(args.profile)).eval[:64])
+    prefill(load_profile(args.profile), prompt_sets(load_profile(args.profile)).eval[:64])
     if args.prefill_only:
         return
-    fp32 = dataclasses.replace(H.load_profile(args.profile), generation_dtype="float32")
+    fp32 = dataclasses.replace(load_profile(args.profile), generation_dtype="float32")
     bf16 = dataclasses.replace(fp32, generation_dtype="bfloat16")
     layer = fp32.layer if args.layer is None else args.layer
-    sets = H.prompt_sets(fp32)
+    sets = prompt_sets(fp32)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        acts = {r: H.activations(fp32, r, sets, tmp / "acts") for r in args.roles}
-        dirs = H.directions(tmp / "acts", acts)
+        acts = {r: activations(fp32, r, sets, tmp / "acts") for r in args.roles}
+        dirs = directions(tmp / "acts", acts)
         seconds, results = {"float32": 0.0, "bfloat16": 0.0}, {}
         rows = 0
         for k, role in enumerate(args.roles):
-            units = [(role, H.NO_ABLATION, None), (role, role, layer)]
+            units = [(role, NO_ABLATION, None), (role, role, layer)]
             order = [fp32, bf16] if k % 2 == 0 else [bf16, fp32]
             for prof in order:
                 pool.use_model(prof, role, prof.gen_dtype)  # load and cast outside the timing
@@ -104,7 +111,7 @@ def main():
             rows += len(units) * len(sets.eval)
     tokens = rows * fp32.max_new_tokens
     a, b = results["float32"], results["bfloat16"]
-    same_tokens, same_label, moved = [], {m: [] for m in H.METHODS}, []
+    same_tokens, same_label, moved = [], {m: [] for m in METHODS}, []
     per_unit = []
     for unit in a:
         ra, rb = a[unit], b[unit]
@@ -113,9 +120,9 @@ def main():
         lo = np.array([x["refusal_log_odds"] for x in ra]) - np.array([y["refusal_log_odds"] for y in rb])
         moved += list(np.abs(lo))
         unit_labels = []
-        for method in H.METHODS:
-            (ta, pa), (tb, pb) = H.judge_inputs(ra, fp32.judge_text), H.judge_inputs(rb, fp32.judge_text)
-            la, lb = H.classify(ta, method, pa), H.classify(tb, method, pb)
+        for method in METHODS:
+            (ta, pa), (tb, pb) = judge_inputs(ra, fp32.judge_text), judge_inputs(rb, fp32.judge_text)
+            la, lb = classify(ta, method, pa), classify(tb, method, pb)
             same_label[method] += [x == y for x, y in zip(la, lb)]
             unit_labels.append(f"{method} {np.mean(np.array(la) == 1):.2f}/{np.mean(np.array(lb) == 1):.2f}")
         per_unit.append([f"{unit[0]} <- {unit[1]}", f"{np.mean(same):.3f}", ", ".join(unit_labels)])

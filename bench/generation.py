@@ -1,9 +1,9 @@
-"""Ablated generation (H.generate with a direction: KV cache + hooks) vs plain HF generate without
+"""Ablated generation (generate with a direction: KV cache + hooks) vs plain HF generate without
 hooks, vs the same weights orthogonalised (no hooks), vs the paper's recompute-everything loop
-(H.greedy_tokens(use_cache=False)) at 64 new tokens; and generation throughput per batch size.
+(greedy_tokens(use_cache=False)) at 64 new tokens; and generation throughput per batch size.
 
 The recompute loop is timed at a few of its 64 steps and summed over all of them; batch scaling
-times the prefill once and the decode steps (H.greedy_tokens' own step) as medians, and predicts a
+times the prefill once and the decode steps (greedy_tokens' own step) as medians, and predicts a
 64-token generation from them. Both say so in the report.
 
     .venv/bin/python bench/generation.py [--profile cpu] [--reps 3] [--threads auto]
@@ -18,7 +18,13 @@ import time
 import numpy as np
 import torch
 
-from _util import H, bench_prompts, batches, compare, med, ratio, spread, table, unit_direction, verdict
+from _util import bench_prompts, batches, compare, med, ratio, spread, table, unit_direction, verdict
+from refusal_lat.config import load_profile  # noqa: E402
+from refusal_lat.generation import append_token, decode_step, generate, greedy_tokens, start_decoding  # noqa: E402
+from refusal_lat.hooks import ablation, orthogonalize_  # noqa: E402
+from refusal_lat.models.load import decoder_layers, load_model  # noqa: E402
+from refusal_lat.prompts import tokenize  # noqa: E402
+from refusal_lat.units import transfer_units  # noqa: E402
 
 PAPER_BATCH = 16  # the authors' generation batch for the base model (12 for AT and LAT)
 SIZES = {  # overhead: batch, tokens; speedup: batches, new tokens, recompute steps timed; scaling: batches, decode steps
@@ -30,10 +36,10 @@ TARGET_OVERHEAD, TARGET_SPEEDUP = 0.10, 10.0
 
 @torch.no_grad()
 def hf_generate(model, tok, profile, prompts: list[str]) -> list[str]:
-    """H.generate's batching and decoding around transformers' own greedy generate, no hooks."""
+    """generate's batching and decoding around transformers' own greedy generate, no hooks."""
     out = []
     for chunk in batches(prompts, profile.batch_size):
-        b = H.tokenize(tok, profile, chunk)
+        b = tokenize(tok, profile, chunk)
         n = profile.max_new_tokens
         seq = model.generate(**b, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=tok.pad_token_id)
         out += tok.batch_decode(seq[:, b["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -44,24 +50,24 @@ def overhead(model, tok, profile, r, batch, tokens, reps, log):
     prof = dataclasses.replace(profile, batch_size=batch, max_new_tokens=tokens)
     small = dataclasses.replace(profile, batch_size=2, max_new_tokens=2)
     texts = bench_prompts(profile, batch)
-    ortho = H.orthogonalize_(copy.deepcopy(model), r)
-    variants = {"ablated": lambda p, t: H.generate(model, tok, p, t, direction=r),
+    ortho = orthogonalize_(copy.deepcopy(model), r)
+    variants = {"ablated": lambda p, t: generate(model, tok, p, t, direction=r),
                 "hf": lambda p, t: hf_generate(model, tok, p, t),
-                "plain": lambda p, t: H.generate(model, tok, p, t),
-                "ortho": lambda p, t: H.generate(ortho, tok, p, t)}
+                "plain": lambda p, t: generate(model, tok, p, t),
+                "ortho": lambda p, t: generate(ortho, tok, p, t)}
     log(f"generation overhead: batch {batch} x {tokens} tokens, {reps} reps")
     t = compare({k: (lambda f=f: f(prof, texts)) for k, f in variants.items()}, reps,
                 {k: (lambda f=f: f(small, texts[:2])) for k, f in variants.items()}, log=log)
     del ortho
     labels = {"hf": "HF `model.generate` (greedy, KV cache), no hooks",
-              "plain": "H.generate, no direction (our loop, no hooks)",
-              "ablated": f"**H.generate + direction** (KV cache + {3 * len(H.decoder_layers(model))} hooks)",
-              "ortho": "H.generate on orthogonalised weights (no hooks)"}
+              "plain": "generate, no direction (our loop, no hooks)",
+              "ablated": f"**generate + direction** (KV cache + {3 * len(decoder_layers(model))} hooks)",
+              "ortho": "generate on orthogonalised weights (no hooks)"}
     rows = [[labels[k], spread(t[k]), f"{ratio(t, k, 'hf'):.3f}", f"{batch * tokens / med(t[k]):.1f}"] for k in labels]
     over_hf, over_hooks = ratio(t, "ablated", "hf") - 1, ratio(t, "ablated", "plain") - 1
     md = (f"### Overhead: batch {batch}, {tokens} new tokens, median (min-max) of {reps} after a warm-up\n\n"
           + table(["variant", "time", "x HF", "new tokens/s"], rows)
-          + f"\n\nx HF: median of the per-round ratios. H.generate computes the chat template's common start once "
+          + f"\n\nx HF: median of the per-round ratios. generate computes the chat template's common start once "
           f"per batch (HF generate runs it for every row), which can make it faster than HF even with hooks. "
           f"Ablated vs HF generate {over_hf:+.1%} (target <= "
           f"{TARGET_OVERHEAD:.0%}: {verdict(over_hf <= TARGET_OVERHEAD)}); the hooks alone (ablated vs our loop "
@@ -74,11 +80,11 @@ def overhead(model, tok, profile, r, batch, tokens, reps, log):
 
 @torch.no_grad()
 def recompute_step(model, tokens, batch, step: int) -> torch.Tensor:
-    """Step `step` of the paper's recompute loop (H.greedy_tokens(use_cache=False)): one forward pass
+    """Step `step` of the paper's recompute loop (greedy_tokens(use_cache=False)): one forward pass
     over the prompt plus the `step` tokens generated so far, no cache. Returns the greedy token."""
     ids = torch.cat([batch["input_ids"], tokens[:, :step]], dim=1)
     mask = torch.cat([batch["attention_mask"], torch.ones_like(tokens[:, :step])], dim=1)
-    return H.decode_step(model, H.start_decoding(model, ids, mask, use_cache=False)).argmax(-1)
+    return decode_step(model, start_decoding(model, ids, mask, use_cache=False)).argmax(-1)
 
 
 def speedup(model, tok, profile, r, batch_sizes, tokens, k, reps, log):
@@ -90,15 +96,15 @@ def speedup(model, tok, profile, r, batch_sizes, tokens, k, reps, log):
     sampled = sorted({round(x) for x in np.linspace(0, tokens - 1, k)})
     rows, targets = [], []
     for batch in batch_sizes:
-        b = H.tokenize(tok, profile, bench_prompts(profile, batch))
+        b = tokenize(tok, profile, bench_prompts(profile, batch))
         small = {key: v[:1] for key, v in b.items()}
         out = {}
 
         def kv(x=b, n=tokens, name="kv"):
-            out[name] = H.greedy_tokens(model, x["input_ids"], x["attention_mask"], n, direction=r)
+            out[name] = greedy_tokens(model, x["input_ids"], x["attention_mask"], n, direction=r)
 
         def recompute(i):
-            with H.ablation(model, r):  # the hooks greedy_tokens(direction=r) sets, around one recompute step
+            with ablation(model, r):  # the hooks greedy_tokens(direction=r) sets, around one recompute step
                 out[i] = recompute_step(model, out["kv"], b, i)
 
         log(f"KV cache vs recompute: batch {batch}, {tokens} tokens (recompute steps {sampled}), {reps} reps")
@@ -124,7 +130,7 @@ def speedup(model, tok, profile, r, batch_sizes, tokens, k, reps, log):
           + table(["batch", "prompt tokens (padded)", f"KV cache + hooks, {tokens} tokens",
                    f"recompute + hooks, one step at {'/'.join(map(str, sampled))} (s)", f"recompute, {tokens} steps",
                    "KV speedup", "tokens equal"], rows)
-          + f"\n\nThe recompute loop (`H.greedy_tokens(use_cache=False)`) runs the whole sequence at every step; "
+          + f"\n\nThe recompute loop (`greedy_tokens(use_cache=False)`) runs the whole sequence at every step; "
           f"its steps {', '.join(map(str, sampled))} were timed (each a forward pass over the prompt plus the tokens "
           f"generated so far, continuing the KV-cached tokens) and summed over the {tokens} steps: >= holds each "
           f"timed step's cost until the next one, ~ interpolates. Tokens equal: the recomputed token at every timed "
@@ -136,24 +142,24 @@ def speedup(model, tok, profile, r, batch_sizes, tokens, k, reps, log):
 
 
 def prefill(model, batch):
-    """H.greedy_tokens' start: the shared prefix once, then the first step over the rest of the prompts."""
-    state = H.start_decoding(model, batch["input_ids"], batch["attention_mask"])
-    H.append_token(state, H.decode_step(model, state).argmax(-1))
+    """greedy_tokens' start: the shared prefix once, then the first step over the rest of the prompts."""
+    state = start_decoding(model, batch["input_ids"], batch["attention_mask"])
+    append_token(state, decode_step(model, state).argmax(-1))
     return state
 
 
 def decode(model, state, steps: int):
-    """`steps` greedy steps from the cache: H.decode_step, the step H.greedy_tokens takes."""
+    """`steps` greedy steps from the cache: decode_step, the step greedy_tokens takes."""
     for _ in range(steps):
-        H.append_token(state, H.decode_step(model, state).argmax(-1))
+        append_token(state, decode_step(model, state).argmax(-1))
 
 
 def scaling(model, tok, profile, r, sizes, steps, reps, log, n=64):
     states, pre, length = {}, {}, {}
     log(f"batch scaling: {sizes}, prefill once, {steps} decode steps x {reps} reps")
-    with H.ablation(model, r):
+    with ablation(model, r):
         for s in sizes:
-            batch = H.tokenize(tok, profile, bench_prompts(profile, s))
+            batch = tokenize(tok, profile, bench_prompts(profile, s))
             started = time.perf_counter()
             states[s] = prefill(model, batch)
             pre[s], length[s] = time.perf_counter() - started, batch["input_ids"].shape[1]
@@ -165,7 +171,7 @@ def scaling(model, tok, profile, r, sizes, steps, reps, log, n=64):
     rate = {s: s * n / total[s] for s in sizes}
     best = max(rate, key=rate.get)
     # notebook 03 batches one model's transfer units (no ablation + one per source) together
-    n_eval = profile.n_eval * len(H.transfer_units(profile)) // len(profile.roles)
+    n_eval = profile.n_eval * len(transfer_units(profile)) // len(profile.roles)
     per_batch = lambda b: float(np.interp(b, sizes, [total[x] for x in sizes]))  # noqa: E731
     eval_time = {s: (n_eval // s) * total[s] + (per_batch(n_eval % s) if n_eval % s else 0) for s in sizes}
     best_eval = min(eval_time, key=eval_time.get)
@@ -212,8 +218,8 @@ def main():
     parser.add_argument("--threads", default="auto")
     args = parser.parse_args()
     note = _util.set_threads(args.threads)
-    profile = H.load_profile(args.profile)
-    model, tok = H.load_model(profile, "base")
+    profile = load_profile(args.profile)
+    model, tok = load_model(profile, "base")
     md, _ = run(model, tok, profile, args.reps)
     print(f"## Generation ({profile.name})\n\n{_util.machine()}; {note}\n\n{md}")
 

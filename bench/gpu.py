@@ -1,8 +1,8 @@
 """The paper's scale on one CUDA GPU: Llama-2-7B's architecture with random weights (speed does not
 depend on the weights), built directly on the device from its config, in bf16 and, where
 bitsandbytes works, NF4 4-bit with fp16 compute (the paper's setting). Measures
-  - all-layer capture (H.trunk_forward with capture, read position) of 620 prompts vs the bare trunk;
-  - 520 prompts x 64 tokens of ablated greedy generation (H.greedy_tokens with a direction, KV cache)
+  - all-layer capture (trunk_forward with capture, read position) of 620 prompts vs the bare trunk;
+  - 520 prompts x 64 tokens of ablated greedy generation (greedy_tokens with a direction, KV cache)
     vs the paper's recompute loop (use_cache=False), timed on one batch and extrapolated to 520;
   - the floor: weight bytes read per decode step / measured device copy bandwidth.
 Prompts are random token ids with the lengths of the paper's prompts under its template (estimated
@@ -21,7 +21,12 @@ import time
 
 import torch
 
-from _util import H, compare, machine, med, ratio, set_threads, spread, table, unit_direction, update_section, verdict
+from _util import compare, machine, med, ratio, set_threads, spread, table, unit_direction, update_section, verdict
+from refusal_lat.activations import block_inputs, trunk_forward  # noqa: E402
+from refusal_lat.config import REPO, load_profile  # noqa: E402
+from refusal_lat.data import DATA_FILES, data_search_dirs, prompt_sets  # noqa: E402
+from refusal_lat.generation import greedy_tokens  # noqa: E402
+from refusal_lat.models.load import decoder_layers  # noqa: E402
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000)
@@ -74,7 +79,7 @@ def quantize_nf4(model):
     """Every Linear in the decoder blocks -> bnb Linear4bit NF4, double quant, fp16 compute (what
     BitsAndBytesConfig(load_in_4bit, nf4, double quant) gives; lm_head stays fp16 as there)."""
     import bitsandbytes as bnb
-    for layer in H.decoder_layers(model):
+    for layer in decoder_layers(model):
         for parent in (layer.self_attn, layer.mlp):
             for name, linear in list(parent.named_children()):
                 if not isinstance(linear, torch.nn.Linear):
@@ -119,11 +124,11 @@ def copy_bandwidth(device, nbytes: int) -> float:
 def prompt_lengths(n_capture: int, n_eval: int) -> tuple[list[int], list[int], str]:
     """Token counts of the paper's prompts under "\\n[INST]{prompt}[/INST]\\n" with BOS, estimated as
     1.3 Llama tokens per word + 10 for BOS and the template."""
-    local = all(any((d / H.DATA_FILES[name].path).is_file() for d in H.data_search_dirs())
+    local = all(any((d / DATA_FILES[name].path).is_file() for d in data_search_dirs())
                 for name in ("advbench", "alpaca", "gpt4o"))  # never wait on a download here
     texts, how = None, "the datasets are not on this machine: uniform 18-34 tokens (the paper's mean is ~26)"
     if local:
-        sets = H.prompt_sets(H.load_profile("paper"))
+        sets = prompt_sets(load_profile("paper"))
         texts, how = sets.eval + sets.harmful + sets.harmless, "estimated from the paper's prompts (1.3 tokens/word + 10)"
     if texts:
         lengths = [10 + math.ceil(1.3 * len(t.split())) for t in texts]
@@ -153,13 +158,13 @@ def make_batches(lengths: list[int], size: int, vocab: int, device) -> list[dict
 # --- workloads ------------------------------------------------------------------------------------
 
 def trunk_pass(model, batches, capture: bool):
-    """H.trunk_forward (what H.block_inputs runs per batch) on pre-tokenised batches, with or without capture."""
-    chunks = [H.trunk_forward(model, b["input_ids"], b["attention_mask"], -1, capture) for b in batches]
+    """trunk_forward (what block_inputs runs per batch) on pre-tokenised batches, with or without capture."""
+    chunks = [trunk_forward(model, b["input_ids"], b["attention_mask"], -1, capture) for b in batches]
     return torch.cat(chunks) if capture else None
 
 
 def generate(model, batches, r, tokens: int, use_cache: bool = True):
-    return [H.greedy_tokens(model, b["input_ids"], b["attention_mask"], tokens, use_cache=use_cache, direction=r)
+    return [greedy_tokens(model, b["input_ids"], b["attention_mask"], tokens, use_cache=use_cache, direction=r)
             for b in batches]
 
 
@@ -266,7 +271,7 @@ def main():
             + ", ".join(f"{k} {v[0]:.1f} s {verdict(v[1])}" for k, v in results.items()) + ".")
     print(body)
     if args.out or not args.tiny:
-        out = args.out or H.REPO / "BENCHMARKS.md"
+        out = args.out or REPO / "BENCHMARKS.md"
         update_section(out, "gpu", body)
         print(f"\nwritten to {out}")
     return 0

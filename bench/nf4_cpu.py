@@ -17,25 +17,32 @@ from pathlib import Path
 
 import numpy as np
 
-from _util import H, table
+from _util import table
+from refusal_lat.activations import activations  # noqa: E402
+from refusal_lat.config import load_profile  # noqa: E402
+from refusal_lat.data import prompt_sets  # noqa: E402
+from refusal_lat.directions import directions  # noqa: E402
+from refusal_lat.stats import score_units  # noqa: E402
+from refusal_lat.svd import svd_table  # noqa: E402
+from refusal_lat.units import NO_ABLATION, generation_units  # noqa: E402
 
 
 def measure(profile, roles, run: Path) -> dict:
-    sets = H.prompt_sets(profile)
+    sets = prompt_sets(profile)
     started = time.perf_counter()
-    acts = {r: H.activations(profile, r, sets, run) for r in roles}
-    dirs = H.directions(run, acts)
-    svd = H.svd_table(acts).set_index(["model", "layer", "component"])
-    units = [u for r in roles for u in ((r, H.NO_ABLATION, None), (r, r, profile.layer))]
-    rows = H.generation_units(profile, run, sets.eval, dirs, units)
-    scores = H.score_units(rows, methods=["paper", "project"], judge_text=profile.judge_text).set_index(["target", "source", "method"])
+    acts = {r: activations(profile, r, sets, run) for r in roles}
+    dirs = directions(run, acts)
+    svd = svd_table(acts).set_index(["model", "layer", "component"])
+    units = [u for r in roles for u in ((r, NO_ABLATION, None), (r, r, profile.layer))]
+    rows = generation_units(profile, run, sets.eval, dirs, units)
+    scores = score_units(rows, methods=["paper", "project"], judge_text=profile.judge_text).set_index(["target", "source", "method"])
     out = {}
     for r in roles:
         own = np.mean([x["refusal_log_odds"] for x in rows[(r, r, profile.layer)]])
-        none = np.mean([x["refusal_log_odds"] for x in rows[(r, H.NO_ABLATION, None)]])
+        none = np.mean([x["refusal_log_odds"] for x in rows[(r, NO_ABLATION, None)]])
         out[r] = {"first two %": 100 * svd.loc[(r, profile.layer, 2)].cumulative,
                   "second %": 100 * svd.loc[(r, profile.layer, 2)].ratio,
-                  **{f"refusal none ({m})": 100 * scores.loc[(r, H.NO_ABLATION, m)].refusal_rate for m in ("paper", "project")},
+                  **{f"refusal none ({m})": 100 * scores.loc[(r, NO_ABLATION, m)].refusal_rate for m in ("paper", "project")},
                   **{f"refusal own ({m})": 100 * scores.loc[(r, r, m)].refusal_rate for m in ("paper", "project")},
                   "log-odds own - none": own - none}
     out["seconds"] = time.perf_counter() - started
@@ -50,8 +57,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=None, help="new tokens (default: the profile's)")
     args = ap.parse_args()
     sizes = {k: v for k, v in (("n_eval", args.n_eval), ("max_new_tokens", args.tokens)) if v}
-    plain = H.load_profile(args.profile, sizes)
-    nf4 = H.load_profile(args.profile, {**sizes, "quantization": "nf4", "generation_dtype": ""})
+    plain = load_profile(args.profile, sizes)
+    nf4 = load_profile(args.profile, {**sizes, "quantization": "nf4", "generation_dtype": ""})
     with tempfile.TemporaryDirectory() as tmp:
         a = measure(plain, args.roles, Path(tmp) / "plain")
         b = measure(nf4, args.roles, Path(tmp) / "nf4")
@@ -61,7 +68,7 @@ def main():
             rows.append([r, k, f"{a[r][k]:.2f}", f"{b[r][k]:.2f}", f"{b[r][k] - a[r][k]:+.2f}"])
     print(table(["model", "quantity", f"{plain.dtype} weights (generation {plain.gen_dtype})",
                  "NF4 weights (float32 compute)", "NF4 - plain"], rows))
-    print(f"\n{len(H.prompt_sets(plain).eval)} eval prompts x {plain.max_new_tokens} tokens, layer {plain.layer}; "
+    print(f"\n{len(prompt_sets(plain).eval)} eval prompts x {plain.max_new_tokens} tokens, layer {plain.layer}; "
           f"seconds: plain {a['seconds']:.0f}, NF4 {b['seconds']:.0f} (activations + 4 units, one process)")
 
 

@@ -21,7 +21,15 @@ from pathlib import Path
 
 import torch
 
-from _util import H, batches, compare, med, ratio, spread, table
+from _util import batches, compare, med, ratio, spread, table
+from refusal_lat.activations import activations  # noqa: E402
+from refusal_lat.config import load_profile  # noqa: E402
+from refusal_lat.data import prompt_sets  # noqa: E402
+from refusal_lat.directions import directions  # noqa: E402
+from refusal_lat.generation import generate_tokens  # noqa: E402
+from refusal_lat.models.load import decoder_layers  # noqa: E402
+from refusal_lat.prompts import tokenize  # noqa: E402
+from refusal_lat.units import NO_ABLATION, generation_units, transfer_units  # noqa: E402
 
 from refusal_lat.models import pool
 
@@ -50,7 +58,7 @@ def peer_hooks(model, direction):
         return project_out(output, r)
 
     try:
-        for block in H.decoder_layers(model):
+        for block in decoder_layers(model):
             handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(block.self_attn.register_forward_hook(post))
             handles.append(block.mlp.register_forward_hook(post))
@@ -64,7 +72,7 @@ def peer_hooks(model, direction):
 def peer_generate(model, tok, profile, prompts, direction, tokens):
     out = []
     for chunk in batches(prompts, PEER_BATCH):
-        b = H.tokenize(tok, profile, chunk)
+        b = tokenize(tok, profile, chunk)
         hooks = peer_hooks(model, direction) if direction is not None else contextlib.nullcontext()
         with hooks:
             seq = model.generate(**b, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens,
@@ -80,33 +88,33 @@ def main():
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--n-eval", type=int, default=None, help="eval prompts (default: the profile's)")
     args = ap.parse_args()
-    profile = H.load_profile(args.profile, {"n_eval": args.n_eval} if args.n_eval else None)
+    profile = load_profile(args.profile, {"n_eval": args.n_eval} if args.n_eval else None)
     tokens = args.tokens or profile.max_new_tokens
     profile = dataclasses.replace(profile, max_new_tokens=tokens)
-    sets = H.prompt_sets(profile)
+    sets = prompt_sets(profile)
     target = profile.roles[0]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        acts = {r: H.activations(profile, r, sets, tmp) for r in profile.roles}
-        dirs = H.directions(tmp, acts)
+        acts = {r: activations(profile, r, sets, tmp) for r in profile.roles}
+        dirs = directions(tmp, acts)
         model, tok = pool.use_model(profile, target, profile.gen_dtype)
         r = dirs[target][profile.layer]
         call = sets.eval[:PEER_BATCH]
-        one = {"project": lambda: H.generate_tokens(model, tok, profile, call, r, batch_size=PEER_BATCH).tokens,
+        one = {"project": lambda: generate_tokens(model, tok, profile, call, r, batch_size=PEER_BATCH).tokens,
                "peer": lambda: peer_generate(model, tok, profile, call, r, tokens)}
         t_call = compare(one, args.reps)
         same_call = one["project"]() == one["peer"]()
-        units = [u for u in H.transfer_units(profile) if u[0] == target]
+        units = [u for u in transfer_units(profile) if u[0] == target]
         runs, outputs = iter(range(10 ** 6)), {}
 
         def project_workload(prompts=sets.eval):
-            rows = H.generation_units(profile, tmp / f"units{next(runs)}", prompts, dirs, units)
+            rows = generation_units(profile, tmp / f"units{next(runs)}", prompts, dirs, units)
             outputs["project"] = [r["completion"] for u in units for r in rows[u]]
 
         def peer_workload(prompts=sets.eval):
             out = []
             for _, source, layer in units:
-                d = None if source == H.NO_ABLATION else dirs[source][layer]
+                d = None if source == NO_ABLATION else dirs[source][layer]
                 out += tok.batch_decode(peer_generate(model, tok, profile, prompts, d, tokens), skip_special_tokens=True)
             outputs["peer"] = out
         small = {"project": lambda: project_workload(sets.eval[:2]), "peer": lambda: peer_workload(sets.eval[:2])}

@@ -4,7 +4,7 @@ or with --suite) the fast test suite and the tiny notebook series, into BENCHMAR
     .venv/bin/python bench/run_all.py                  # cpu -> BENCHMARKS.md (~40 min on 2 idle cores)
     .venv/bin/python bench/run_all.py --profile tiny   # seconds, meaningless numbers -> runs/tiny/BENCHMARKS.md
 
-The model is loaded once (H.load_model(profile, "base")); each part is a module with run().
+The model is loaded once (load_model(profile, "base")); each part is a module with run().
 bench/gpu.py is separate (it needs CUDA) and writes its own section of BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -20,7 +20,9 @@ import capture
 import generation
 import series
 import suite
-from _util import H, table
+from _util import table
+from refusal_lat.config import REPO, load_profile, run_dir  # noqa: E402
+from refusal_lat.models.load import load_model  # noqa: E402
 
 
 def main():
@@ -32,12 +34,12 @@ def main():
     parser.add_argument("--suite", action=argparse.BooleanOptionalAction, default=None,
                         help="also time the fast test suite and the tiny series (default: on the cpu profile only)")
     args = parser.parse_args()
-    profile = H.load_profile(args.profile)
-    out = Path(args.out) if args.out else (H.REPO / "BENCHMARKS.md" if profile.name == "cpu"
-                                           else H.run_dir(profile) / "BENCHMARKS.md")
+    profile = load_profile(args.profile)
+    out = Path(args.out) if args.out else (REPO / "BENCHMARKS.md" if profile.name == "cpu"
+                                           else run_dir(profile) / "BENCHMARKS.md")
     note = _util.set_threads(args.threads)
     started, machine = time.time(), _util.machine()
-    model, tok = H.load_model(profile, "base")
+    model, tok = load_model(profile, "base")
     n_capture = capture.SIZES.get(profile.name, capture.SIZES["cpu"])["prompts"]
     parts = [("Activation capture", capture.run(model, tok, profile, n_capture, args.reps)),
              ("Generation", generation.run(model, tok, profile, args.reps)),

@@ -12,7 +12,8 @@ import datetime
 import json
 from pathlib import Path
 
-from _util import H, table, verdict
+from _util import table, verdict
+from refusal_lat.config import REPO, load_profile, run_dir  # noqa: E402
 
 BUDGET = {"cpu": (45, ("01", "02", "03", "04"))}  # issue 6: on cpu, 01->04 in <= 45 min on 2 cores
 
@@ -30,18 +31,18 @@ def papermill_runs(folder: Path) -> dict[str, tuple]:
 
 
 def run(profile_name: str = "cpu", log=print):
-    profile = H.load_profile(profile_name)
-    run = H.run_dir(profile)
+    profile = load_profile(profile_name)
+    run = run_dir(profile)
     csv_path = run / "series.csv"
-    notebooks = sorted(p.name for p in (H.REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    notebooks = sorted(p.name for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     series = {}
     if csv_path.is_file():
         with open(csv_path) as f:
             series = {row["notebook"]: row for row in csv.DictReader(f)}
         written = datetime.datetime.fromtimestamp(csv_path.stat().st_mtime).astimezone()
-        source = f"`{csv_path.relative_to(H.REPO)}` (written {written:%Y-%m-%d %H:%M %Z})"
+        source = f"`{csv_path.relative_to(REPO)}` (written {written:%Y-%m-%d %H:%M %Z})"
     else:
-        source = f"`{csv_path.relative_to(H.REPO)}` is missing (run `make reproduce PROFILE={profile_name}`)"
+        source = f"`{csv_path.relative_to(REPO)}` is missing (run `make reproduce PROFILE={profile_name}`)"
         log(f"series: {csv_path} is missing")
     executed = papermill_runs(run / "notebooks")
     budget, judged = BUDGET.get(profile_name, (None, tuple(nb[:2] for nb in notebooks)))
@@ -56,7 +57,7 @@ def run(profile_name: str = "cpu", log=print):
                      row["peak_rss_gib_so_far"] if row else "-",
                      f"{pm_s:.0f}" if pm_s is not None else ("unfinished" if nb in executed else "-"),
                      (pm_end or "-")[:16].replace("T", " ")])
-    md = (f"Source: {source}; executed copies in `{(run / 'notebooks').relative_to(H.REPO)}/`. Seconds per "
+    md = (f"Source: {source}; executed copies in `{(run / 'notebooks').relative_to(REPO)}/`. Seconds per "
           f"notebook from series.csv where it has the notebook, else papermill's own duration.\n\n"
           + table(["notebook", "series.csv s", "kernel CPU s", "peak RSS GiB (so far)", "papermill s", "last run (UTC)"],
                   rows))

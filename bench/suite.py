@@ -52,8 +52,9 @@ def run(log=print):
     md = (suite + "\n\nTiny series (`scripts/run_notebooks.py --profile tiny` into a temporary folder, so every "
           f"artifact is computed; notebook 00 runs only when the tiny adapters are missing): {s_wall:.0f} s wall, "
           f"{s_cpu:.0f} s CPU, exit status {s_status}.\n\n" + table(["notebook", "wall s", "kernel CPU s"], rows)
-          + f"\n\nA notebook's kernel spends ~7 s of CPU before its own work on the tiny model: the kernel, "
-          "`import helpers`, matplotlib and seaborn, transformers' model classes.")
+          + "\n\nOn `tiny` one kernel runs the whole series (`--kernel auto`, reset before each notebook): a fresh "
+          "kernel per notebook paid ~5 s of CPU each before its own work (the kernel, `import helpers`, matplotlib, "
+          "transformers' model classes); `--kernel each` still does that.")
     targets = [(f"fast suite <= {TARGET_S} s on 2 idle cores (CPU time; wall on this machine's load)",
                 f"{cpu:.0f} s CPU ({wall:.0f} s wall)", cpu <= TARGET_S and status == 0),
                (f"tiny series <= {TARGET_S} s of CPU", f"{s_cpu:.0f} s", s_cpu <= TARGET_S and s_status == 0)]

@@ -20,6 +20,13 @@ sign the paper claims. `verdict` turns it into words, one rule for every cell:
 Where the paper has no value for a comparison (our SFT control, AT's direction on LAT), the claim's
 smallest paper effect stands in for it (flagged `paper_is_proxy`). A claim's cell combines its
 comparisons: one verdict if they agree, else "mixed: …" with the counts.
+
+Rows whose refusal values are a judge's labels (generation_cells, the arms' labels) also carry the
+Rogan–Gladen corrected rates and difference (CORRECTED columns): the judge's sensitivity and specificity
+measured on the held-out half of the labelled set of the same domain (data/labels/validation, written by
+`scripts/label_set.py validate --publish`), with a bootstrap interval that resamples both the prompts and
+those validation rows (stats.corrected_difference), and the verdict of the corrected interval. The markdown
+shows the corrected values where a row has them (the raw judge values stay in the CSV).
 """
 from __future__ import annotations
 
@@ -39,8 +46,10 @@ CLAIMS = {
 }
 EXPECT = {"C1": +1, "headline": +1, "C2": -1, "C3a": +1, "C3b": -1}  # the sign of a − b the paper claims
 VERDICTS = ("reproduced", "reproduced, weaker", "opposite", "not reproduced", "cannot tell (power)")
+CORRECTED = ["corrected_a_value", "corrected_b_value", "corrected_estimate", "corrected_lo", "corrected_hi",
+             "corrected_verdict", "judge", "judge_validation"]
 COLUMNS = ["claim", "source", "reference", "comparison", "a", "b", "unit", "n", "a_value", "b_value", "estimate", "lo", "hi",
-           "p", "paper", "paper_is_proxy", "verdict"]
+           "p", "paper", "paper_is_proxy", "verdict", *CORRECTED]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,17 +116,26 @@ def combine(verdicts) -> str:
 
 def comparison_row(claim: str, source: str, reference: str, a: str, b: str, unit: str, n: int, a_value: float,
                    b_value: float, estimate: float, lo: float, hi: float, p: float, paper_role: str | None = None,
-                   like_paper: bool = True) -> dict:
+                   like_paper: bool = True, corrected: dict | None = None) -> dict:
     """One scored comparison of LAT against the reference model `reference` (paper_role: its role in the
     paper, base / AT, for the paper's value of the same comparison; default: `reference`). like_paper=False:
-    units the paper has no value in (log-odds), so no paper value and no proxy."""
+    units the paper has no value in (log-odds), so no paper value and no proxy. corrected: the judge-corrected
+    values in the row's units {a, b, estimate, lo, hi, judge, judge_validation} (judge_corrected); without it the
+    CORRECTED columns are empty (NaN / "")."""
     paper = paper_difference(claim, "LAT", paper_role or reference) if like_paper else math.nan
     proxy = paper is None
     if proxy:
         paper = smallest_paper_effect(claim)
-    return {"claim": claim, "source": source, "reference": reference, "comparison": f"{a} − {b}", "a": a, "b": b, "unit": unit, "n": int(n),
-            "a_value": a_value, "b_value": b_value, "estimate": estimate, "lo": lo, "hi": hi, "p": p,
-            "paper": paper, "paper_is_proxy": proxy, "verdict": verdict(lo, hi, EXPECT[claim], paper)}
+    row = {"claim": claim, "source": source, "reference": reference, "comparison": f"{a} − {b}", "a": a, "b": b, "unit": unit, "n": int(n),
+           "a_value": a_value, "b_value": b_value, "estimate": estimate, "lo": lo, "hi": hi, "p": p,
+           "paper": paper, "paper_is_proxy": proxy, "verdict": verdict(lo, hi, EXPECT[claim], paper)}
+    c = corrected or {}
+    row.update({"corrected_a_value": c.get("a", math.nan), "corrected_b_value": c.get("b", math.nan),
+                "corrected_estimate": c.get("estimate", math.nan), "corrected_lo": c.get("lo", math.nan),
+                "corrected_hi": c.get("hi", math.nan),
+                "corrected_verdict": verdict(c["lo"], c["hi"], EXPECT[claim], paper) if c else "",
+                "judge": c.get("judge", ""), "judge_validation": c.get("judge_validation", "")})
+    return row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,13 +184,60 @@ def paired_rate_difference(x, y, n_boot: int = 2000, seed: int = 0) -> tuple[flo
     return est, lo, hi, sign_flip_p(d, sign_patterns(len(d), 10000, seed))
 
 
+class JudgedCells(dict):
+    """{(target, source): per-prompt refusal values} that a judge made: `judge` (judges.classify's method) and
+    `domain` (whose labelled set validates it: "qwen" for this project's model, "llama2" for the authors')."""
+
+    def __init__(self, cells: dict, judge: str, domain: str = "qwen"):
+        super().__init__(cells)
+        self.judge, self.domain = judge, domain
+
+
+def judge_validation(judge: str, domain: str = "qwen", folder=None) -> dict | None:
+    """{counts (tp, fn, fp, tn), judge, judge_validation (words)}: the judge against the human labels on the
+    held-out half of `domain`'s labelled set, from the published validation table (data/labels/validation/
+    <domain>.csv, sealed; scripts/label_set.py validate --publish). None when no table is published. A table
+    that validated another version of the judge (its judge_id differs from judges.fingerprint) is an error:
+    its counts do not describe the labels being corrected."""
+    import pandas as pd
+    from .config import ConfigError
+    from .judges import fingerprint
+    from .labelset import VALIDATION_DIR, held_out_counts
+    from .record import verify
+    folder = Path(folder or VALIDATION_DIR)
+    path = folder / f"{domain}.csv"
+    if not path.is_file():
+        return None
+    verify(folder)
+    table = pd.read_csv(path, keep_default_na=False, dtype={"judge_id": str, "judge": str})
+    mine = table[(table.judge == judge) & (table.half == "held_out") & (table.scope == "overall")]
+    if len(mine) and mine.judge_id.iloc[0] != fingerprint(judge):
+        raise ConfigError(f"{path} validated judge {mine.judge_id.iloc[0]}, but {judge!r} is now {fingerprint(judge)}; "
+                          f"republish it: .venv/bin/python scripts/label_set.py validate --publish")
+    tp, fn, fp, tn = held_out_counts(table, judge, domain)
+    words = (f"{domain} held-out half: sensitivity {tp}/{tp + fn}, specificity {tn}/{tn + fp}")
+    return {"counts": (tp, fn, fp, tn), "judge": fingerprint(judge), "judge_validation": words}
+
+
+def judge_corrected(x, y, validation: dict, scale: float, n_boot: int, seed: int) -> dict:
+    """The corrected values of comparison_row from per-prompt judge values x, y (stats.corrected_difference)."""
+    from .stats import corrected_difference
+    c = corrected_difference(x, y, validation["counts"], n_boot, seed)
+    return {"a": scale * c["a"], "b": scale * c["b"], "estimate": scale * c["estimate"], "lo": scale * c["lo"],
+            "hi": scale * c["hi"], "judge": validation["judge"], "judge_validation": validation["judge_validation"]}
+
+
 def transfer_comparisons(cells: dict, source: str, lat: str = "LAT", others=None, roles: dict | None = None,
                          claims=("C2", "C3a", "C3b"), unit: str = "pp refusal", scale: float = 100.0,
-                         n_boot: int = 2000, seed: int = 0) -> list[dict]:
+                         n_boot: int = 2000, seed: int = 0, validation="auto") -> list[dict]:
     """C2 / C3a / C3b rows from per-prompt refusal values `cells[(target, source_of_direction)]` (arrays
     over the same prompts, in the same order; 1 = refusal). `others`: the reference models (default:
     every target but LAT); `roles` maps names to the paper's roles (base/AT/LAT). A comparison whose cells
-    are missing is skipped (e.g. the authors' file has only each model's own direction)."""
+    are missing is skipped (e.g. the authors' file has only each model's own direction). validation: the
+    judge's held-out validation (judge_validation) for the corrected columns of refusal rows; "auto" takes it
+    from JudgedCells (generation_cells) and gives none for other cells (human labels, log-odds)."""
+    if validation == "auto":
+        validation = judge_validation(cells.judge, cells.domain) if isinstance(cells, JudgedCells) else None
     roles = roles or {}
     others = others or [t for t, _ in cells if t != lat]
     others = list(dict.fromkeys(others))
@@ -187,17 +252,22 @@ def transfer_comparisons(cells: dict, source: str, lat: str = "LAT", others=None
                 continue
             x, y = np.asarray(cells[ca], np.float64), np.asarray(cells[cb], np.float64)
             est, lo, hi, p = paired_rate_difference(x, y, n_boot, seed)
+            corrected = (judge_corrected(x, y, validation, scale, n_boot, seed)
+                         if validation is not None and unit == "pp refusal" else None)
             rows.append(comparison_row(claim, source, m, a, b, unit, len(x), scale * x.mean(), scale * y.mean(),
                                        scale * est, scale * lo, scale * hi, p, roles.get(m, m),
-                                       like_paper=unit == "pp refusal"))  # the paper's numbers are refusal rates
+                                       like_paper=unit == "pp refusal",  # the paper's numbers are refusal rates
+                                       corrected=corrected))
     return rows
 
 
-def generation_cells(results: dict, layer: int, method: str = "project", judge_text: str = "turn") -> dict:
+def generation_cells(results: dict, layer: int, method: str = "project", judge_text: str = "turn",
+                     domain: str = "qwen") -> "JudgedCells":
     """{(target, source): 0/1 refusal labels} from notebook 03's generation units at `layer` (the
-    judge's invalid label counts as not refusing, as in the paper's refusal rate)."""
+    judge's invalid label counts as not refusing, as in the paper's refusal rate), as JudgedCells: the judge
+    and the labelled domain that validates it on such text (default "qwen": this project's model)."""
     from .judges import classify, judge_inputs
-    out = {}
+    out = JudgedCells({}, method, domain)
     for (target, source, unit_layer), records in results.items():
         if unit_layer != layer:
             continue
@@ -234,12 +304,25 @@ def paper_column() -> dict:
     return {claim: text.format(**values) for claim, text in PAPER_TEXT.items()}
 
 
+def corrected(rows) -> bool:
+    """Whether every row of a cell carries judge-corrected values (CORRECTED columns, a non-empty verdict)."""
+    if "corrected_verdict" not in rows or not len(rows):
+        return False
+    v = rows.corrected_verdict
+    return bool((v.notna() & (v.astype(str) != "") & (v.astype(str) != "nan")).all())
+
+
 def cell_text(rows) -> str:
-    """A claim's cell for one source: the combined verdict, then each comparison's estimate [interval]."""
+    """A claim's cell for one source: the combined verdict, then each comparison's estimate [interval]; for
+    judged refusal rows the judge-corrected ones (marked), the raw judge values staying in the CSV."""
     if len(rows) == 0:
         return "not measured"
     unit = rows.unit.iloc[0]
     f = ".2f" if unit == "log-odds" else ".1f"
+    if corrected(rows):
+        parts = [f"{r.reference} {r.corrected_estimate:+{f}} [{r.corrected_lo:+{f}}, {r.corrected_hi:+{f}}]"
+                 for r in rows.itertuples()]
+        return f"**{combine(rows.corrected_verdict)}**: " + "; ".join(parts) + f" {unit}, judge-corrected"
     parts = [f"{r.reference} {r.estimate:+{f}} [{r.lo:+{f}}, {r.hi:+{f}}]" for r in rows.itertuples()]
     return f"**{combine(rows.verdict)}**: " + "; ".join(parts) + f" {unit}"
 
@@ -268,7 +351,10 @@ def write_claims(table, folder, sources, not_run=(), note: str = "") -> Path:
             "excludes 0 on the paper's side but lies short of the paper's effect, *opposite* = it excludes 0 on the "
             "other side, *not reproduced* = it holds 0 but excludes the paper's effect, *cannot tell (power)* = it "
             "holds both. Where the paper has no value (SFT, AT's direction in LAT) its smallest effect for the claim "
-            "stands in; log-odds rows have none. Every number: claims.csv.")
+            "stands in; log-odds rows have none. *judge-corrected*: refusal rates from a judge's labels, Rogan–Gladen "
+            "corrected with the judge's sensitivity and specificity on the held-out half of the labelled set of the same "
+            "model family, the interval resampling both the prompts and those labelled rows (raw judge values: the CSV). "
+            "Every number: claims.csv.")
     atomic_write(folder / "claims.md", (claims_markdown(table, sources, not_run) + "\n" + rule + "\n"
                                         + (note + "\n" if note else "")).encode())
     return folder / "claims.md"
@@ -288,11 +374,14 @@ def read_claims(folder):
 ARM_ROLES = {"base": "base", "sft": "SFT", "at": "AT", "lat": "LAT"}
 
 
-def arm_table_comparisons(tables: dict, source: str, layer: int, n_boot: int = 2000, seed: int = 0) -> list[dict]:
+def arm_table_comparisons(tables: dict, source: str, layer: int, n_boot: int = 2000, seed: int = 0,
+                          judge: str = "project", domain: str = "qwen") -> list[dict]:
     """The claims on notebook 05's tables (training.evaluate.TABLES), each arm's seeds pooled per prompt:
     C1 from svd_paired_differences at `layer` (LAT − SFT of the same seed, LAT − base; one row per seed),
-    C3b from the own-direction-ablated completions (project judge), C2 / C3a from the first-token refusal
-    log-odds with every model's direction ablated in every model (judge-free; no paper value in these units)."""
+    C3b from the own-direction-ablated completions (labels.csv's `project` column; `judge`: the judge that
+    made it, i.e. the project judge when the tables were evaluated, corrected with its validation on `domain`),
+    C2 / C3a from the first-token refusal log-odds with every model's direction ablated in every model
+    (judge-free; no paper value in these units)."""
     from .training.evaluate import arm_of
     rows = []
     paired, shares = tables["svd_paired_differences"], tables["svd_shares"]
@@ -307,8 +396,8 @@ def arm_table_comparisons(tables: dict, source: str, layer: int, n_boot: int = 2
     pooled = {ARM_ROLES[a]: ablated[ablated.model.map(arm_of) == a].groupby("prompt").project.mean().to_numpy()
               for a in ARM_ROLES if (ablated.model.map(arm_of) == a).any()}
     if "LAT" in pooled:
-        rows += transfer_comparisons({(m, m): v for m, v in pooled.items()}, source, claims=("C3b",),
-                                     n_boot=n_boot, seed=seed)
+        rows += transfer_comparisons(JudgedCells({(m, m): v for m, v in pooled.items()}, judge, domain), source,
+                                     claims=("C3b",), n_boot=n_boot, seed=seed)
     scores = tables["transfer_log_odds"]
     scores = scores[scores.direction_of != "none"].assign(target=lambda d: d.model.map(arm_of).map(ARM_ROLES),
                                                           source_arm=lambda d: d.direction_of.map(arm_of).map(ARM_ROLES))

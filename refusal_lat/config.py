@@ -8,7 +8,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import yaml
 
 
@@ -84,7 +83,18 @@ class Profile:
 
 
 SOURCES = ("hub", "pypi_gguf", "tiny")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class _Dtypes(dict):
+    """Profile dtype name -> torch dtype; torch is imported on first lookup, so reading a profile (the
+    runner, the CLI scripts' argument checks) does not import it."""
+
+    def __getitem__(self, name):
+        import torch
+        return getattr(torch, dict.__getitem__(self, name))
+
+
+DTYPES = _Dtypes(float32="float32", float16="float16", bfloat16="bfloat16")
 
 
 def available_profiles() -> list[str]:
@@ -269,16 +279,83 @@ def check_layers(profile: Profile, n_blocks: int, lat_layer: int | None = None):
 
 
 def start(profile: str = "cpu", overrides: dict | str | None = None, run: str | Path | None = None):
-    """The first call of every notebook: (Profile, run folder, figure folder)."""
+    """The first call of every notebook: (Profile, run folder, figure folder). In a kernel it first checks
+    the notebook's parameters (papermill's injected cell against the cell tagged `parameters`) and makes
+    the project's errors (ConfigError, DataError) show as one line. A run with overrides and no run
+    folder of its own gets runs/<profile>-<hash of the overrides>/, never runs/<profile>/."""
+    shell = _kernel()
+    if shell is not None:
+        one_line_errors(shell)
+        check_parameters(shell)
     loaded = load_profile(profile, overrides)
-    paths = run_dir(loaded, run), figure_dir(loaded, run, changed=bool(parse_overrides(overrides)))
+    path = run_dir(loaded, run or default_run_dir(loaded, overrides))
+    paths = path, figure_dir(loaded, path, changed=bool(parse_overrides(overrides)))
     print(f"profile {loaded.name}: models {loaded.roles}, layer {loaded.layer}, template {loaded.template!r}, "
-          f"read position {loaded.read_position}\nartifacts -> {paths[0]}\nfigures   -> {paths[1]}")
+          f"read position {loaded.read_position}\nartifacts -> {_shown(paths[0])}\nfigures   -> {_shown(paths[1])}")
     return (loaded, *paths)
 
 
-def default_run_dir(profile: Profile) -> Path:
-    return REPO / "runs" / profile.name
+def _shown(path: Path) -> str:
+    """A path as the notebooks print it: relative to the repository when inside it (no machine paths)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def _kernel():
+    """The running IPython shell, or None (a script, a test)."""
+    import sys
+    if "IPython" not in sys.modules:
+        return None
+    from IPython import get_ipython
+    return get_ipython()
+
+
+PROJECT_ERRORS = (ConfigError, DataError)
+
+
+def one_line_errors(shell):
+    """The project's errors say what to do in their message: show that one line, not a traceback (papermill
+    then reports `ConfigError: ...` as the failing cell's error). Other exceptions keep their tracebacks."""
+    def show(shell, etype, value, tb, tb_offset=None):
+        shell._showtraceback(etype, value, [f"{etype.__name__}: {value}"])
+    shell.set_custom_exc(PROJECT_ERRORS, show)
+
+
+def _assigned(source: str) -> list[str]:
+    import ast
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    return [t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)]
+
+
+def check_parameters(shell):
+    """Under papermill: every name of its injected '# Parameters' cell must be assigned in the cell tagged
+    `parameters` that ran just before it, else a ConfigError naming the valid ones (papermill itself only
+    warns, and the notebook would run its defaults: `-p profil tiny` ran the full cpu profile)."""
+    history = shell.user_ns.get("In") or []
+    for i in range(len(history) - 1, 0, -1):
+        if history[i].startswith("# Parameters\n"):
+            valid, passed = _assigned(history[i - 1]), _assigned(history[i])
+            unknown = [name for name in passed if name not in valid]
+            if unknown and valid:
+                raise ConfigError(f"unknown notebook parameter(s) {unknown}; valid parameters: {valid}")
+            return
+
+
+def default_run_dir(profile: Profile, overrides: dict | str | None = None) -> Path:
+    """runs/<profile>/, or runs/<profile>-<8 hex digits of the overrides>/ for a run with overrides."""
+    overrides = parse_overrides(overrides)
+    if not overrides:
+        return REPO / "runs" / profile.name
+    import hashlib
+    import json
+    tag = hashlib.sha256(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return REPO / "runs" / f"{profile.name}-{tag}"
 
 
 RUN_OWNER = "PROFILE"  # a run folder's first line: the profile whose artifacts it holds
@@ -320,6 +397,18 @@ def figure_dir(profile: Profile, run: str | Path | None = None, changed: bool = 
         raise ConfigError(f"figure folder {path} cannot be created ({err.strerror or type(err).__name__}); "
                           f"remove or rename what is there (a file?) and rerun") from None
     return path
+
+
+def paper_recipe_note(profile: Profile) -> str | None:
+    """Why a profile whose training recipe is the paper's (Anthropic HH, `data: hh_chosen`; colab, paper)
+    trains nothing here and has no arms for notebook 05; None for a profile with a local recipe."""
+    if profile.training.get("data") != "hh_chosen":
+        return None
+    return (f"profile '{profile.name}' uses the authors' trained adapters from the hub; its training recipe is the "
+            f"paper's (10k Anthropic HH conversations, PGD ε 8, LoRA r 64), which needs the `datasets` package, "
+            f"the hub and hours of GPU time per arm (not measured here), so notebook 00 trains nothing and "
+            f"notebook 05 has no arms to evaluate unless you train them first (notebook 00 with "
+            f"train_paper_recipe=True, or scripts/train_adapters.py --profile {profile.name} on a GPU)")
 
 
 def model_role_spec(profile: Profile, role: str) -> ModelSpec:

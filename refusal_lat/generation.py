@@ -117,6 +117,20 @@ class Generation:
     crossed: list = None     # whether non-end-of-turn tokens were generated after it
 
 
+
+def refusal_token_ids(tokenizer, profile: Profile) -> list[int]:
+    """First token id of each of the profile's refusal openings (e.g. 'I', 'As')."""
+    ids = [tokenizer.encode(word, add_special_tokens=False)[0] for word in profile.refusal_tokens]
+    return sorted(set(ids))
+
+
+def refusal_score(logprobs: torch.Tensor, token_ids: list[int]) -> "np.ndarray":
+    """log p_ref - log(1 - p_ref), p_ref = next-token probability mass on the refusal tokens (the first-token
+    refusal log-odds of every generation unit and of selection's scores)."""
+    p = logprobs[:, token_ids].exp().sum(-1).clamp(1e-12, 1 - 1e-12)
+    return (p.log() - (1 - p).log()).numpy()
+
+
 def generate_tokens(model, tokenizer, profile: Profile, instructions: list[str],
                     direction: torch.Tensor | None = None, stop_at_eos: bool = False, desc: str = "",
                     batch_size: int | None = None, max_new_tokens: int | None = None,

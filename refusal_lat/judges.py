@@ -1,7 +1,10 @@
 """Judges: label each completion 1 refusal, 0 acceptance, -1 invalid (docs/method.md, "Judges").
 
-"project" (the recommended judge) is the fitted judge of project_judge.py; "project_rules" is the
-earlier hand-written rule list, kept for comparison (scripts/compare_judges.py)."""
+"project" (the recommended judge) is the fitted judge of project_judge.py, version 2 (project_judge.json:
+fitted on the fit halves of the authors' Llama-2 labels and of this project's Qwen labels, docs/judges.md);
+"project_v1" is version 1 (project_judge_v1.json, fitted on the authors' advbench_test only), which still
+labels the training data (project_labels_without_requests) and is kept for comparison, as is
+"project_rules", the earlier hand-written rule list (scripts/compare_judges.py)."""
 from __future__ import annotations
 
 import re
@@ -140,34 +143,55 @@ def _project_rules_label(completion: str) -> int:
     return -1 if len(words) < 3 else 0
 
 
-def _project_labels(completions: list[str], instructions: list[str] | None) -> list[int]:
-    """The fitted judge (project_judge.py): 1 refusal, 0 not; -1 only for a completion that shows
-    nothing (empty, whitespace, control or zero-width characters only)."""
+def _project_labels(completions: list[str], instructions: list[str] | None, version: str = "project") -> list[int]:
+    """A fitted judge (project_judge.py; version "project" = project_judge.json, "project_v1" =
+    project_judge_v1.json): 1 refusal, 0 not; -1 only for a completion that shows nothing (empty,
+    whitespace, control or zero-width characters only)."""
     from .project_judge import predict_refusal
-    refused = predict_refusal(list(completions), None if instructions is None else list(instructions))
+    refused = predict_refusal(list(completions), None if instructions is None else list(instructions),
+                              _fitted_params(version))
     return [int(r) if visible(c) else -1 for c, r in zip(completions, refused)]
+
+
+def _fitted_params(version: str) -> dict:
+    from .project_judge import PARAMS_PATH, PARAMS_V1_PATH, load_params
+    return load_params({"project": PARAMS_PATH, "project_v1": PARAMS_V1_PATH}[version])
 
 
 _CLASSIFIERS = {"paper": _paper_label, "substring": _substring_label, "project_rules": _project_rules_label}
 METHODS = ("paper", "substring", "project", "project_rules")
+FITTED = ("project", "project_v1")   # the fitted judges: both read, and require, the requests
+# classify also accepts "project_v1" (not in METHODS: the tables that loop over METHODS show the recommended judge)
+ALL_METHODS = METHODS + ("project_v1",)
 
 
 def project_labels_without_requests(completions: list[str]) -> list[int]:
-    """The fitted judge without the requests, as recipes v1 and v2 labelled the base model's training
-    answers (training/data.py); kept only so that the committed adapters retrain byte for byte. It is not
-    validated on its own: without the request it calls some benign answers refusals. Judge with classify."""
-    return _project_labels(completions, None)
+    """Version 1 of the fitted judge (project_judge_v1.json, pinned) without the requests, as recipes v1 and
+    v2 labelled the base model's training answers (training/data.py); kept only so that the committed adapters
+    retrain byte for byte (tests/test_training_labeller_pinned.py). It is not validated on its own: without the
+    request it calls some benign answers refusals. Judge with classify(texts, "project", instructions)."""
+    return _project_labels(completions, None, "project_v1")
+
+
+def fingerprint(method: str) -> str:
+    """Which judge makes a method's labels: for the fitted judges "<method>:<sha256 of the params, 16 hex>",
+    else the method's name (the rule judges are fixed code)."""
+    if method not in FITTED:
+        return method
+    from .project_judge import fingerprint as params_fingerprint
+    return f"{method}:{params_fingerprint(_fitted_params(method))}"
 
 
 def classify(completions: list[str], method: str, instructions: list[str] | None = None) -> list[int]:
     """Label each completion 1 refusal, 0 acceptance, -1 invalid ("substring" gives only 1/0, "project"
-    1/0 and -1 for empty text). `instructions` (the prompts, same order) are read by "project" only, and
-    "project" requires them: it was fitted and validated with the requests."""
+    1/0 and -1 for empty text). `instructions` (the prompts, same order) are read by the fitted judges only
+    ("project", the recommended one, and "project_v1"), and they require them: they were fitted and validated
+    with the requests."""
     if method not in _CLASSIFIERS:
-        if method != "project":
-            raise ValueError(f"unknown classify method {method!r}; valid methods: {', '.join(METHODS)}")
+        if method not in FITTED:
+            raise ValueError(f"unknown classify method {method!r}; valid methods: {', '.join(ALL_METHODS)}")
         if instructions is None:
-            raise ValueError('classify(texts, "project") needs the requests: pass instructions=[the prompt of '
+            raise ValueError(f'classify(texts, "{method}") needs the requests: pass instructions=[the prompt of '
                              'each completion], in the same order')
     if isinstance(completions, str) or not isinstance(completions, (list, tuple)):
         raise TypeError(f"classify expects a list of completion strings, got {type(completions).__name__}; "
@@ -177,8 +201,8 @@ def classify(completions: list[str], method: str, instructions: list[str] | None
         raise TypeError(f"classify expects a list of str, but it holds {bad[0]}; decode completions to text first")
     if instructions is not None and len(instructions) != len(completions):
         raise ValueError(f"{len(completions)} completions but {len(instructions)} instructions; pass one per completion")
-    if method == "project":
-        return _project_labels(completions, instructions)
+    if method in FITTED:
+        return _project_labels(completions, instructions, method)
     label = _CLASSIFIERS[method]
     return [label(c) for c in completions]
 

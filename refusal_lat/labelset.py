@@ -443,3 +443,217 @@ def validate(table: "pd.DataFrame", run: Path, methods=None) -> tuple["pd.DataFr
     """(validation_table, intra_rater) of a labels table whose artifacts are in `run`."""
     methods = list(methods or METHODS)
     return validation_table(judged(table, run, methods), methods), intra_rater(table)
+
+
+# --- both labelled domains as one table (the judge's fit and validation, issue 29) -------------------------
+
+DOMAINS = ("llama2", "qwen")  # the authors' Llama-2 completions, this project's Qwen turns (cpu)
+AUTHORS_HALVES = {"advbench_test": "fit", "custom_set": "held_out"}
+AUTHORS_MODELS = {"no_ablation": "none", "baseline": "base", "at": "AT", "lat": "LAT"}
+ROW_COLUMNS = ("domain", "half", "model", "condition", "prompt", "turn", "label", "source")
+
+
+def normalise_prompt(prompt: str) -> str:
+    """Lower case, whitespace runs collapsed: how prompts are compared across the two domains."""
+    return " ".join(str(prompt).lower().split())
+
+
+def authors_rows(raw: bytes | None = None) -> "pd.DataFrame":
+    """The authors' 816 human-labelled Llama-2 completions (released data, `released_human_annots`) as ROW_COLUMNS:
+    half fit = advbench_test, held_out = custom_set (the split scripts/fit_project_judge.py has always used);
+    label refusal = not is_successful_human_annot; model none (no ablation) / base / AT / LAT; condition clean
+    (no_ablation) or own_direction (each model with its own direction ablated); turn = intervention_completion."""
+    import io
+    import pandas as pd
+    from .data import data_file
+    if raw is None:
+        raw = data_file("released_human_annots").read_bytes()
+    d = pd.read_csv(io.BytesIO(raw))
+    return pd.DataFrame({
+        "domain": "llama2", "half": d.dataset.map(AUTHORS_HALVES), "model": d.variant.map(AUTHORS_MODELS),
+        "condition": ["clean" if v == "no_ablation" else "own_direction" for v in d.variant],
+        "prompt": d.instruction.astype(str), "turn": d.intervention_completion.fillna("").astype(str),
+        "label": ["compliance" if s else "refusal" for s in d.is_successful_human_annot.astype(bool)],
+        "source": [f"{ds}/{v}/{i}" for i, (ds, v) in enumerate(zip(d.dataset, d.variant))]})
+
+
+def qwen_rows(table: "pd.DataFrame", run: Path) -> "pd.DataFrame":
+    """The pass-1 rows of the labels table as ROW_COLUMNS, each with its full prompt and turn read from its artifact
+    in `run` (which must still hold the bytes the labels were given on)."""
+    import pandas as pd
+    rows = table[table["pass"] == 1].reset_index(drop=True)
+    pairs = rows[["artifact", "artifact_sha256"]].drop_duplicates().values
+    texts = {a: artifact_rows(run, a, sha) for a, sha in pairs}
+    return pd.DataFrame({
+        "domain": "qwen", "half": rows.half, "model": rows.model, "condition": rows.condition,
+        "prompt": [texts[a][i]["prompt"] for a, i in zip(rows.artifact, rows.row)],
+        "turn": [texts[a][i]["turn"] for a, i in zip(rows.artifact, rows.row)], "label": rows.label,
+        "source": [f"{a}#{i}" for a, i in zip(rows.artifact, rows.row)]})
+
+
+def fit_rows(both: "pd.DataFrame") -> tuple["pd.DataFrame", int]:
+    """(rows, dropped): the fit halves of both domains, binary labels only (invalid left out), minus every row whose
+    prompt (normalise_prompt) is also a prompt of either domain's held-out half: some requests occur in both
+    domains, and a judge fitted on one domain's answers to a request is not scored on the other's."""
+    held = set(both[both.half == "held_out"].prompt.map(normalise_prompt))
+    fit = both[(both.half == "fit") & (both.label != "invalid")]
+    keep = ~fit.prompt.map(normalise_prompt).isin(held)
+    return fit[keep].reset_index(drop=True), int((~keep).sum())
+
+
+def rows_hash(rows: "pd.DataFrame") -> str:
+    """sha256 of the rows' (domain, prompt, turn, label) in order: what a fit read."""
+    return stable_hash([[d, p, t, lab] for d, p, t, lab in zip(rows.domain, rows.prompt, rows.turn, rows.label)])
+
+
+# --- one validation table per domain (scripts/label_set.py validate --publish) ------------------------------
+
+VALIDATION_DIR = Path(__file__).resolve().parents[1] / "data" / "labels" / "validation"
+SPLITS = {("llama2", "fit"): "advbench_test", ("llama2", "held_out"): "custom_set",
+          ("qwen", "fit"): "fit half (by prompt)", ("qwen", "held_out"): "held-out half (by prompt)"}
+VALIDATION_COLUMNS = ("domain", "half", "split", "judge", "judge_id", "fitted_on_this_half", "scope", "group", "n",
+                      "n_invalid", "agreement", "kappa", "sensitivity", "specificity", "tp", "fp", "fn", "tn",
+                      "judge_rate", "label_rate", "bias_points", "success_bias_points")
+
+
+def fitted_halves(method: str) -> set:
+    """{(domain, half)} whose rows a judge was fitted or designed on: version 2 both fit halves, version 1 the
+    authors' advbench_test; the rule judges none (they were written before any label was read)."""
+    from .project_judge import PARAMS_PATH, PARAMS_V1_PATH, load_params
+    if method not in ("project", "project_v1"):
+        return set()
+    params = load_params(PARAMS_PATH if method == "project" else PARAMS_V1_PATH)
+    if params.get("version", 1) >= 2:
+        return {(d, "fit") for d in params["fit_halves"]}
+    return {("llama2", "fit")}
+
+
+def judge_columns(rows: "pd.DataFrame", methods) -> "pd.DataFrame":
+    """rows (ROW_COLUMNS) with a 0/1 column per judge (1: the judge says refusal; invalid counts as not)."""
+    rows = rows.reset_index(drop=True).copy()
+    for m in methods:
+        rows[m] = [int(label == 1) for label in classify(rows.turn.tolist(), m, rows.prompt.tolist())]
+    return rows
+
+
+def scopes(domain: str, part: "pd.DataFrame") -> list:
+    """(scope, group, rows) for one half of one domain: the authors' Llama-2 rows overall, clean, ablated and
+    each model's ablated rows; the Qwen rows overall, per condition and per model."""
+    out = [("overall", "all", part)]
+    if domain == "llama2":
+        ablated = part[part.condition == "own_direction"]
+        out += [("condition", "clean", part[part.condition == "clean"]), ("ablated rows", "all", ablated)]
+        out += [("ablated rows, model", m, ablated[ablated.model == m]) for m in ("base", "AT", "LAT")]
+    else:
+        out += [("condition", c, part[part.condition == c]) for c in CONDITIONS if (part.condition == c).any()]
+        out += [("model", m, part[part.model == m]) for m in dict.fromkeys(part.model)]
+    return out
+
+
+def domain_validation(judged_rows: "pd.DataFrame", methods) -> "pd.DataFrame":
+    """One domain's validation table (VALIDATION_COLUMNS): per half, judge and scope, the judge against the labels
+    on the rows not labelled invalid (refusal = positive); bias_points = judge refusal rate - label refusal rate,
+    success_bias_points = its negative (judge attack-success rate - the labels'), both in points."""
+    import pandas as pd
+    from .judges import fingerprint
+    out = []
+    for domain in dict.fromkeys(judged_rows.domain):
+        for half in ("held_out", "fit"):
+            part = judged_rows[(judged_rows.domain == domain) & (judged_rows.half == half)]
+            for m in methods:
+                fitted = (domain, half) in fitted_halves(m)
+                for scope, group, sub in scopes(domain, part):
+                    valid = sub[sub.label != "invalid"]
+                    if valid.empty:
+                        continue
+                    truth, pred = (valid.label == "refusal").tolist(), (valid[m] == 1).tolist()
+                    a = agreement(pred, truth)
+                    bias = 100 * (np.mean(pred) - np.mean(truth))
+                    out.append({"domain": domain, "half": half, "split": SPLITS[(domain, half)], "judge": m,
+                                "judge_id": fingerprint(m), "fitted_on_this_half": fitted, "scope": scope,
+                                "group": group, **a, "n_invalid": len(sub) - len(valid),
+                                "judge_rate": float(np.mean(pred)), "label_rate": float(np.mean(truth)),
+                                "bias_points": bias, "success_bias_points": -bias})
+    return pd.DataFrame(out, columns=list(VALIDATION_COLUMNS))
+
+
+def held_out_counts(table: "pd.DataFrame", judge: str, domain: str) -> tuple[int, int, int, int]:
+    """(tp, fn, fp, tn) of a judge on a domain's held-out half, all rows (from a domain_validation table)."""
+    row = table[(table.domain == domain) & (table.half == "held_out") & (table.judge == judge)
+                & (table.scope == "overall")]
+    if len(row) != 1:
+        raise ConfigError(f"no held-out validation of judge {judge!r} on {domain}")
+    r = row.iloc[0]
+    return int(r.tp), int(r.fn), int(r.fp), int(r.tn)
+
+
+# --- do the claims' verdicts change between a judge and the labels? (issue 29) ------------------------------
+
+CLAIM_CELLS = {  # claim -> (a cell, b cell) for reference model m, as claims.transfer_comparisons
+    "C2": lambda m: ((m, "LAT"), (m, m)), "C3a": lambda m: (("LAT", m), (m, m)), "C3b": lambda m: (("LAT", "LAT"), (m, m)),
+}
+
+
+def eval_cell(source: str, layer: int) -> tuple[str, str] | None:
+    """(target, direction source) of a labelled row from notebook 03's eval units at `layer`, else None."""
+    artifact = source.rsplit("#", 1)[0]
+    parts = Path(artifact).parts
+    if parts[:2] != ("generations", "eval") or "__" not in Path(artifact).stem:
+        return None
+    target, tag = Path(artifact).stem.split("__", 1)
+    if "_L" not in tag:
+        return None
+    src, at = tag.rsplit("_L", 1)
+    return (target, src) if at == str(layer) else None
+
+
+def unpaired_difference(x, y, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean(x) - mean(y), basic bootstrap 95 % interval) with each cell's items resampled on their own."""
+    rng = np.random.default_rng(seed)
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    est = x.mean() - y.mean()
+    reps = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1) - y[rng.integers(0, len(y), (n_boot, len(y)))].mean(1)
+    q_lo, q_hi = np.quantile(reps, [0.025, 0.975])
+    return float(est), float(2 * est - q_hi), float(2 * est - q_lo)
+
+
+def claims_on_labels(judged_rows: "pd.DataFrame", layer: int, methods, references=("base", "SFT", "AT"),
+                     n_boot: int = 2000, seed: int = 0) -> "pd.DataFrame":
+    """The claims table's judged comparisons (C2, C3a, C3b of notebook 03's series at `layer`) on the labelled Qwen
+    rows that lie in their cells, once per rater: the labels (refusal = 1; invalid = not, as the judges' invalid)
+    and each judge in `methods`. The labelled rows of two cells hold different prompts, so each difference is
+    unpaired (each cell resampled on its own); the verdict is claims.verdict with the paper's value (or its
+    proxy). Plus "C3b, own direction at any layer": LAT against each reference with its own direction ablated at
+    any layer (the own_direction condition, sweep rows included), a condition-level analogue with more rows."""
+    import pandas as pd
+    from .claims import EXPECT, paper_difference, smallest_paper_effect, verdict
+    rows = judged_rows[judged_rows.domain == "qwen"].copy()
+    rows["cell"] = [eval_cell(s, layer) for s in rows.source]
+    raters = {"labels": (rows.label == "refusal").astype(float), **{m: rows[m].astype(float) for m in methods}}
+    plans = []
+    for claim, cells in CLAIM_CELLS.items():
+        for m in references:
+            ca, cb = cells(m)
+            plans.append((claim, m, rows.cell == ca, rows.cell == cb))
+    for m in references:
+        own = rows.condition == "own_direction"
+        plans.append(("C3b, own direction at any layer", m, own & (rows.model == "LAT"), own & (rows.model == m)))
+    out = []
+    for claim, m, in_a, in_b in plans:
+        if not in_a.any() or not in_b.any():
+            continue
+        base_claim = claim.split(",")[0]
+        paper = paper_difference(base_claim, "LAT", m)
+        paper = smallest_paper_effect(base_claim) if paper is None else paper
+        for rater, values in raters.items():
+            est, lo, hi = unpaired_difference(values[in_a], values[in_b], n_boot, seed)
+            out.append({"claim": claim, "reference": m, "n_a": int(in_a.sum()), "n_b": int(in_b.sum()),
+                        "shared_prompts": len(set(rows.prompt[in_a]) & set(rows.prompt[in_b])), "rater": rater,
+                        "estimate": 100 * est, "lo": 100 * lo, "hi": 100 * hi, "paper": paper,
+                        "verdict": verdict(100 * lo, 100 * hi, EXPECT[base_claim], paper)})
+    table = pd.DataFrame(out)
+    if len(table):
+        labels = table[table.rater == "labels"].set_index(["claim", "reference"]).verdict
+        table["same_verdict_as_labels"] = [labels[(c, r)] == v for c, r, v in
+                                           zip(table.claim, table.reference, table.verdict)]
+    return table

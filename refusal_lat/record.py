@@ -98,8 +98,14 @@ def remake_command(folder: Path) -> str:
     parts = Path(shown(folder)).parts
     if parts[:1] == ("adapters",) and len(parts) > 2:
         arm, _, seed = parts[-1].rpartition("-s")
+        budget = parts[-2][3:] if len(parts) > 3 and parts[-2].startswith("eps") else None  # a sweep point
+        if parts[-1] == "eval" and any(f.name.startswith("eps") for f in Path(folder).parent.glob("eps*")):
+            return f".venv/bin/python scripts/evaluate_sweep.py --profile {parts[1]} --publish"
         if parts[-1] == "eval":
             return f".venv/bin/python scripts/evaluate_arms.py --profile {parts[1]} --publish"
+        if arm and seed.isdigit() and budget is not None:
+            return (f".venv/bin/python scripts/train_adapters.py --profile {parts[1]} --budget {budget} --arms {arm} "
+                    f"--seeds {seed} --publish")
         if arm and seed.isdigit():
             return (f".venv/bin/python scripts/train_adapters.py --profile {parts[1]} --arms {arm} --seeds {seed} "
                     f"--publish")

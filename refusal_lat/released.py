@@ -275,35 +275,9 @@ def svd_wide_summary(long, frob=None):
 
 def figure2(long, layer: int, models: Sequence[str] = tuple(MODELS), k: int = N_COMPONENTS,
             interval: str = "basic"):
-    """The paper's Figure 2 layout: one panel per model, bars = uncentered variance ratio (%) of the first
-    k components at `layer`, error bars = bootstrap 95 % interval (basic or percentile). An interval
-    that excludes its point estimate is drawn clipped at the estimate (yerr never negative)."""
-    import matplotlib
-    import matplotlib.pyplot as plt
-    lo_col, hi_col = {"basic": ("lo", "hi"), "percentile": ("pct_lo", "pct_hi")}[interval]
-    sub = long[long["layer"] == layer]
-    if sub.empty:
-        raise ValueError(f"no rows for layer {layer}; layers in the table: {sorted(long['layer'].unique())}")
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), sharey=True, squeeze=False)
-    colors = matplotlib.colormaps["tab10"].colors
-    for i, (ax, model) in enumerate(zip(axes[0], models)):
-        g = sub[sub["model"] == model].sort_values("component").head(k)
-        if g.empty:
-            raise ValueError(f"no rows for model {model!r} at layer {layer}")
-        y = 100 * g["ratio"].to_numpy()
-        lo, hi = 100 * g[lo_col].to_numpy(), 100 * g[hi_col].to_numpy()
-        yerr = np.vstack([np.abs(np.clip(y - lo, 0, None)), np.abs(np.clip(hi - y, 0, None))])
-        ax.bar(g["component"], y, color=colors[i % len(colors)], yerr=yerr, capsize=2, ecolor="0.2")
-        for x, v in zip(g["component"].iloc[:2], y[:2]):
-            ax.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
-        ax.set_title(f"{model}, layer {layer}")
-        ax.set_xlabel("component")
-        ax.set_xticks(range(1, len(g) + 1))
-    axes[0][0].set_ylabel("variance ratio s²/Σs² (%)")
-    fig.suptitle(f"SVD of harmful − harmless differences (released activations), layer {layer}; "
-                 f"95 % {interval} bootstrap intervals", fontsize=9)
-    fig.tight_layout()
-    return fig
+    """The paper's Figure 2 layout (refusal_lat/plots.py's llama2_figure2, in the series' style)."""
+    from .plots import llama2_figure2
+    return llama2_figure2(long, layer, models, k, interval)
 
 
 # ----------------------------------------------------------------------------------------------

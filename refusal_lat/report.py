@@ -278,3 +278,31 @@ def score_matrix_findings(table: "pd.DataFrame", alpha: float = 0.05) -> str:
                   + "; not distinguishable from its own: " + (", ".join(same) or "none") + ".")
         lines.append(words)
     return "\n".join(lines)
+
+
+def activation_findings(norms: "pd.DataFrame", cosines: "pd.DataFrame", layer: int, stable: float = 0.9) -> str:
+    """Notebook 01's "What this shows", from its two tables: per model, whether harmful and harmless residuals
+    have similar norms at the profile's layer (so the mean difference is no scale effect), how large the
+    mean difference is against them, and over which layers the direction stays put (adjacent cosine >= stable)."""
+    lines = []
+    for model, part in cosines.groupby("model", sort=False):
+        n = norms[(norms.model == model) & (norms.layer == layer)].set_index("prompts")["mean norm"]
+        ratio = n["harmful"] / n["harmless"]
+        diff = float(part.loc[part.layer == layer, "norm of mean difference"].iloc[0])
+        scale = ("similar norms" if abs(ratio - 1) < 0.1 else f"norms {100 * abs(ratio - 1):.0f} % apart "
+                 f"({'harmful' if ratio > 1 else 'harmless'} larger: part of the difference of means is scale)")
+        steady = part[(part["cos(layer, layer+1)"] >= stable) & (part.layer >= 1)].layer.tolist()
+        runs, start = [], None
+        for a, b in zip([None, *steady], [*steady, None]):
+            if a is None or b is None or b != a + 1:
+                if a is not None:
+                    runs.append((start, a + 1))
+                start = b
+        span = max(runs, key=lambda r: r[1] - r[0]) if runs else None
+        where = (f"the direction changes little between adjacent layers from {span[0]} to {span[1]} "
+                 f"(cosine ≥ {stable})" if span else f"no two adjacent layers share the direction (cosine < {stable} "
+                 "everywhere)")
+        lines.append(f"- **{model}**: at layer {layer} harmful and harmless prompts have {scale} "
+                     f"(harmful / harmless {ratio:.2f}); the mean difference is {100 * diff / n.mean():.0f} % of their mean "
+                     f"norm; {where}.")
+    return "\n".join(lines)

@@ -11,6 +11,7 @@ import torch
 from .activations import activation_metadata, mean_difference
 from .config import Profile
 from .directions import refusal_directions
+from .generation import refusal_score, refusal_token_ids  # noqa: F401  (defined beside generation: units use them)
 from .hooks import ablation, activation_addition, subspace_ablation
 from .judges import classify, judge_inputs
 from .models.load import model_fingerprint
@@ -18,7 +19,9 @@ from .models import pool
 from .prefix import last_position_logits, prefill_shared_prefix
 from .progress import progress
 from .prompts import tokenize
+from .stats import holm, mean_interval, sign_flip_p, sign_patterns
 from .store import VERSIONS, cached, encode_table, read_table, stable_hash, tensor_hash
+from .svd import bootstrap_indices, paired_differences
 from .units import NO_ABLATION, generation_units
 
 
@@ -60,18 +63,6 @@ def last_token_logprobs(model, tokenizer, profile: Profile, instructions: list[s
     return torch.cat(out)
 
 
-def refusal_token_ids(tokenizer, profile: Profile) -> list[int]:
-    """First token id of each of the profile's refusal openings (e.g. 'I', 'As')."""
-    ids = [tokenizer.encode(word, add_special_tokens=False)[0] for word in profile.refusal_tokens]
-    return sorted(set(ids))
-
-
-def refusal_score(logprobs: torch.Tensor, token_ids: list[int]) -> np.ndarray:
-    """log p_ref - log(1 - p_ref), p_ref = next-token probability mass on the refusal tokens."""
-    p = logprobs[:, token_ids].exp().sum(-1).clamp(1e-12, 1 - 1e-12)
-    return (p.log() - (1 - p).log()).numpy()
-
-
 def subspace_refusal_log_odds(model, tokenizer, profile: Profile, prompts: list[str],
                               basis: torch.Tensor | None) -> np.ndarray:
     """Per-prompt first-token refusal log-odds (refusal_score) with the span of the [k, d] `basis`
@@ -86,7 +77,6 @@ def component_bases(harmful, harmless) -> dict:
     layer: the mean difference, the top-1 and the top-2 right singular vectors of the uncentered
     difference matrix D = harmful - harmless (svd.py's SVD), each as a [k, d] float32 tensor."""
     from scipy.linalg import svd as scipy_svd
-    from .svd import paired_differences
     d = paired_differences(harmful, harmless)
     vt = scipy_svd(d, full_matrices=False)[2]
     if len(vt) < 2:
@@ -131,8 +121,6 @@ def second_component_tests(tables: list, n_boot: int = 1000, seed: int = 0, n_pe
     singular vector remove refusal the first leaves?) with basic bootstrap intervals over prompts and
     a paired sign-flip p-value (n_perm sign patterns); Holm over the models' top2 - top1 tests."""
     import pandas as pd
-    from .stats import holm, mean_interval, sign_flip_p, sign_patterns
-    from .svd import bootstrap_indices
     rows = []
     for t in tables:
         idx = bootstrap_indices(len(t), n_boot, seed)

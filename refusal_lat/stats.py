@@ -291,3 +291,121 @@ def sign_flip_p(diffs, signs) -> float:
     observed = abs(diffs.mean())
     flipped = np.abs((signs * diffs).mean(1))
     return float((1 + np.sum(flipped >= observed - 1e-12)) / (1 + len(signs)))
+
+
+def tost_paired(a, b, margin: float, alpha: float = 0.05) -> dict:
+    """Two one-sided tests that mean(a - b) lies inside (-margin, margin), a and b paired 0/1 (or real)
+    values per prompt (e.g. a model's and the base model's refusals of the same harmless prompts). Normal
+    approximation on the paired differences: p_low tests H0 "difference <= -margin", p_high "difference
+    >= margin"; equivalent when both are below alpha, i.e. the (1 - 2 alpha) interval lies inside the
+    margin. Returns {difference, se, lo, hi (that interval), p_low, p_high, p, equivalent}."""
+    import numpy as np
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    n, mean = len(d), float(d.mean())
+    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    z = _normal_quantile(1 - alpha)
+    if se == 0:  # every prompt moved by the same amount: no sampling spread
+        p_low, p_high = float(mean <= -margin), float(mean >= margin)
+    else:
+        p_low = 1 - _normal_cdf((mean + margin) / se)
+        p_high = 1 - _normal_cdf((margin - mean) / se)
+    p = max(p_low, p_high)
+    return {"n": n, "difference": mean, "se": se, "lo": mean - z * se, "hi": mean + z * se, "margin": margin,
+            "p_low": p_low, "p_high": p_high, "p": p, "equivalent": bool(p < alpha)}
+
+
+def _normal_cdf(x: float) -> float:
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def _normal_quantile(p: float) -> float:
+    """Inverse of _normal_cdf by bisection (to 1e-12; enough for interval ends)."""
+    lo, hi = -40.0, 40.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _normal_cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def hierarchical_bootstrap(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Difference of means between models a and b with seed-level uncertainty: a and b are [seeds, prompts]
+    arrays on the same prompts (b may have one row: a reference without seeds, such as the base model).
+    Each resample draws seeds with replacement (separately for a and b) and then prompts with replacement
+    (the same prompts for both: the comparison stays paired by prompt). Percentile interval."""
+    import numpy as np
+    a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a and b must cover the same prompts: {a.shape[1]} vs {b.shape[1]} columns")
+    rng = np.random.default_rng(seed)
+    n = a.shape[1]
+    boot = np.empty(n_boot)
+    for i in range(n_boot):
+        sa, sb = rng.integers(0, len(a), len(a)), rng.integers(0, len(b), len(b))
+        p = rng.integers(0, n, n)
+        boot[i] = a[sa][:, p].mean() - b[sb][:, p].mean()
+    tail = (1 - level) / 2
+    return {"difference": float(a.mean() - b.mean()), "lo": float(np.quantile(boot, tail)),
+            "hi": float(np.quantile(boot, 1 - tail)), "seeds_a": len(a), "seeds_b": len(b), "prompts": n}
+
+
+# --- judge-corrected paired differences (issue 29) ------------------------------------------------------------
+
+def validation_counts(pred, truth) -> tuple[int, int, int, int]:
+    """(tp, fn, fp, tn) of a judge's labels `pred` against human labels `truth` (True = refusal), e.g. on the
+    held-out half of the labelled set of the domain whose text the judge reads."""
+    a = agreement(pred, truth)
+    return a["tp"], a["fn"], a["fp"], a["tn"]
+
+
+def corrected_difference(labels_a, labels_b, validation, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                         idx=None, draws=None) -> dict:
+    """Rogan-Gladen corrected refusal rates of two models judged on the same prompts, their difference a - b, and
+    a bootstrap interval that carries both the prompts' and the judge's uncertainty.
+
+    labels_a, labels_b: per-prompt judge values in [0, 1] on the same prompts in the same order (0/1 labels,
+    1 = refusal; or a prompt's mean over seeds). validation: (tp, fn, fp, tn), the judge against human labels on
+    the held-out labelled rows of the matching domain (refusal = positive). Each bootstrap replicate resamples
+    the prompts (one set of indices for both models: paired) and the validation rows (a multinomial draw of the
+    four cells with the same total: the rows drawn with replacement), recomputes sensitivity and specificity from
+    the drawn rows and corrects both rates with them (rogan_gladen, clipped to [0, 1]); a replicate whose drawn
+    sensitivity + specificity <= 1 cannot be corrected and is left out (counted in n_dropped). The interval is
+    the basic bootstrap interval (2 t - q_hi, 2 t - q_lo), as the claims table's others. idx [n_boot, n] and
+    draws [n_boot, 4] replace the random resamples (for checks by hand).
+    Returns {a, b, estimate, lo, hi, raw_a, raw_b, raw_estimate, sensitivity, specificity, n, n_validation,
+    n_boot, n_dropped}."""
+    import numpy as np
+    a, b = np.asarray(labels_a, np.float64), np.asarray(labels_b, np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"corrected_difference needs paired per-prompt values: {a.shape} vs {b.shape}")
+    if np.any((a < 0) | (a > 1)) or np.any((b < 0) | (b > 1)):
+        raise ValueError("per-prompt judge values must lie in [0, 1]")
+    tp, fn, fp, tn = (int(v) for v in validation)
+    if min(tp, fn, fp, tn) < 0 or tp + fn == 0 or fp + tn == 0:
+        raise ValueError(f"validation (tp, fn, fp, tn) = {validation}: needs human refusals and non-refusals")
+    sens, spec = tp / (tp + fn), tn / (tn + fp)
+    point_a, point_b = rogan_gladen(a.mean(), sens, spec), rogan_gladen(b.mean(), sens, spec)
+    rng = np.random.default_rng(seed)
+    n, total = len(a), tp + fn + fp + tn
+    idx = rng.integers(0, n, size=(n_boot, n)) if idx is None else np.asarray(idx)
+    draws = rng.multinomial(total, np.array([tp, fn, fp, tn]) / total, size=len(idx)) if draws is None \
+        else np.asarray(draws)
+    if len(draws) != len(idx):
+        raise ValueError(f"{len(idx)} prompt resamples but {len(draws)} validation draws")
+    draws = draws.astype(np.float64)
+    pos, neg = draws[:, 0] + draws[:, 1], draws[:, 2] + draws[:, 3]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s, p = draws[:, 0] / pos, draws[:, 3] / neg
+    keep = (pos > 0) & (neg > 0) & (s + p > 1)
+    if not keep.any():
+        raise ValueError("no bootstrap replicate could be corrected (sensitivity + specificity <= 1 in every draw)")
+    rows, s, p = idx[keep], s[keep], p[keep]
+    youden = s + p - 1  # rogan_gladen, vectorised: (raw + spec - 1) / (sens + spec - 1), clipped to [0, 1]
+    fixed_a = np.clip((a[rows].mean(1) + p - 1) / youden, 0.0, 1.0)
+    fixed_b = np.clip((b[rows].mean(1) + p - 1) / youden, 0.0, 1.0)
+    reps = fixed_a - fixed_b
+    estimate = point_a - point_b
+    q_lo, q_hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    return {"a": point_a, "b": point_b, "estimate": estimate, "lo": float(2 * estimate - q_hi),
+            "hi": float(2 * estimate - q_lo), "raw_a": float(a.mean()), "raw_b": float(b.mean()),
+            "raw_estimate": float(a.mean() - b.mean()), "sensitivity": sens, "specificity": spec, "n": n,
+            "n_validation": total, "n_boot": int(keep.sum()), "n_dropped": int((~keep).sum())}

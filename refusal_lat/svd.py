@@ -377,7 +377,8 @@ def second_direction_table(activations: Mapping) -> "pd.DataFrame":
 
 def pca_2d(harmful, harmless) -> tuple[np.ndarray, np.ndarray]:
     """The paper's Figure 3: centered PCA fit on [harmful; harmless]; returns coords and ratios."""
-    from sklearn.decomposition import PCA
     x = np.concatenate([_as_matrix(harmful, ""), _as_matrix(harmless, "")])
-    pca = PCA(n_components=2, svd_solver="full").fit(x)
-    return pca.transform(x), pca.explained_variance_ratio_
+    xc = x - x.mean(0)
+    _, s, vt = np.linalg.svd(xc, full_matrices=False)
+    vt = vt * np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(1)])[:, None]  # sklearn PCA's signs (svd_flip on V)
+    return xc @ vt[:2].T, (s ** 2 / (s ** 2).sum())[:2]  # numpy, not sklearn: its import cost a second per kernel

@@ -38,7 +38,7 @@ def unit_row(i: int, prompt: str, out: generation.Generation, k: int, log_odds: 
     """One JSONL row: the full completion (everything generated, for display), the model's own turn
     (text before the first end-of-turn token; the judges read it), that token's index (None: the turn
     never ended), whether anything was generated after it, and the first token's refusal log-odds
-    (selection.refusal_score under the same intervention: a continuous companion of the judges)."""
+    (generation.refusal_score under the same intervention: a continuous companion of the judges)."""
     return {"i": i, "prompt": prompt, "completion": out.texts[k], "turn": out.turns[k],
             "end_of_turn": out.end_of_turn[k], "crossed_end_of_turn": out.crossed[k], "refusal_log_odds": log_odds}
 
@@ -71,7 +71,6 @@ def generation_units(profile: Profile, run: Path, prompts: list[str], dirs_by_ro
     Finished units are read back; the rest are generated target by target (one model in memory), several
     units of a target in one batch when batch_size holds them (one direction per row), each written as
     soon as its batch is done."""
-    from .selection import refusal_score, refusal_token_ids  # selection builds on this module
     results, todo = {}, {}
     for target, source, layer in units:
         model_role_spec(profile, target)
@@ -101,8 +100,8 @@ def generation_units(profile: Profile, run: Path, prompts: list[str], dirs_by_ro
             if len(out.texts) != len(prompts) * len(group):
                 raise StoreError(f"generation returned {len(out.texts)} completions for {len(prompts) * len(group)} "
                                  f"prompts ({target} <- {names}); refusing to save units with no or too few rows")
-            log_odds = refusal_score(torch.log_softmax(out.first_logits.double(), -1),
-                                     refusal_token_ids(tokenizer, profile)).tolist()
+            log_odds = generation.refusal_score(torch.log_softmax(out.first_logits.double(), -1),
+                                                generation.refusal_token_ids(tokenizer, profile)).tolist()
             seconds = round((time.time() - started) / len(group), 1)
             for i, (source, layer, direction, key, path) in enumerate(group):
                 rows = [unit_row(j, p, out, i * len(prompts) + j, log_odds[i * len(prompts) + j])

@@ -3,10 +3,13 @@
     .venv/bin/python scripts/compare_judges.py [CSV] [--write]
 
 --write records every classify method's confusion counts on the held-out custom_set half in
-refusal_lat/judge_errors.json, which stats.score_units reads to carry each judge's measured error.
+refusal_lat/judge_errors.json, which stats.score_units reads to carry each judge's measured error
+("project" is the recommended judge, version 2, since issue 29; the validation of every judge on both
+labelled domains is scripts/label_set.py validate --publish -> data/labels/validation/).
 
 "refusal" = not is_successful_human_annot, judged on intervention_completion. Judges: the frozen
-project_judge.json, helpers.classify 'paper' / 'substring' / 'project_rules' (label 1 = refusal; invalid
+project judges (version 2 project_judge.json and version 1 project_judge_v1.json, both read the requests),
+helpers.classify 'paper' / 'substring' / 'project_rules' (label 1 = refusal; invalid
 -1 and acceptance 0 both count as not-refusal), and the CSV's regex and LlamaGuard-2 columns
 (success -> not refusal). Completions are printed only as their first 8 words.
 """
@@ -30,7 +33,8 @@ from refusal_lat import stats as S  # noqa: E402
 
 def judges(d) -> dict:
     texts = d.intervention_completion.tolist()
-    out = {"project_judge (new)": np.array(J.predict_refusal(texts, d.instruction.tolist()))}
+    out = {"project (v2, recommended)": np.array(J.predict_refusal(texts, d.instruction.tolist())),
+           "project_v1": np.array(J.predict_refusal(texts, d.instruction.tolist(), J.load_params(J.PARAMS_V1_PATH)))}
     for m in ("paper", "substring", "project_rules"):
         out[f"helpers.classify {m}"] = np.array(H.classify(texts, m)) == 1
     out["regex column"] = ~d.is_success_regex.astype(bool).values
@@ -87,16 +91,17 @@ def main(argv=None):
     d = F.load(raw)
     if write:
         write_errors(d, hashlib.sha256(raw).hexdigest())
-    params = J.load_params()
-    print(f"data: {source}; params C={params['C']}, CV {params['cv_agreement_advbench_test']:.4f}")
+    params = J.load_params(J.PARAMS_V1_PATH)  # the out-of-fold correction below is version 1's (advbench_test only)
+    print(f"data: {source}; version 2 C={J.load_params()['C']}; version 1 C={params['C']}, "
+          f"CV {params['cv_agreement_advbench_test']:.4f}")
     table(d[d.dataset == "custom_set"], "Held-out: custom_set")
-    table(d[d.dataset == "advbench_test"], "Design half: advbench_test (new judge in-sample)")
+    table(d[d.dataset == "advbench_test"], "Fit half: advbench_test (both project judges in-sample)")
 
     held = d[d.dataset == "custom_set"].reset_index(drop=True)
-    pred = np.array(J.predict_refusal(held.intervention_completion.tolist(), held.instruction.tolist()))
-    prob = J.refusal_probability(held.intervention_completion.tolist(), held.instruction.tolist())
+    pred = np.array(J.predict_refusal(held.intervention_completion.tolist(), held.instruction.tolist(), params))
+    prob = J.refusal_probability(held.intervention_completion.tolist(), held.instruction.tolist(), params)
     wrong = np.where(pred != held.refusal.values)[0]
-    print(f"\n### custom_set disagreements of the new judge: {len(wrong)} (first 10 by row order)\n")
+    print(f"\n### custom_set disagreements of version 1: {len(wrong)} (first 10 by row order)\n")
     print("| variant | human | judge P(refusal) | first 8 words |")
     print("|---|---|---|---|")
     for i in wrong[:10]:
@@ -108,7 +113,7 @@ def main(argv=None):
     oof, y = out_of_fold(d[d.dataset == "advbench_test"], params["C"])
     sens_c = (int((oof & y).sum()), int(y.sum()))
     spec_c = (int((~oof & ~y).sum()), int((~y).sum()))
-    print(f"\n### Error-corrected refusal rates on custom_set (sens {sens_c[0]}/{sens_c[1]}, "
+    print(f"\n### Version 1's error-corrected refusal rates on custom_set (sens {sens_c[0]}/{sens_c[1]}, "
           f"spec {spec_c[0]}/{spec_c[1]} from out-of-fold advbench_test predictions)\n")
     print("| variant | human rate | judge raw rate [Wilson] | Rogan-Gladen [propagated Wilson] |")
     print("|---|---|---|---|")

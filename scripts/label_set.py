@@ -5,10 +5,17 @@
     python scripts/label_set.py rubric              # what the labeller reads (docs/labelling_rubric.md)
     python scripts/label_set.py import-labels labels.jsonl labels_pass2.jsonl   # -> data/labels/cpu_turns.csv
     python scripts/label_set.py check               # every label still keyed to its artifact row
-    python scripts/label_set.py validate            # judges vs labels, fit / held-out halves
+    python scripts/label_set.py validate            # judges vs labels, both domains -> runs/<profile>/labelling/
+    python scripts/label_set.py validate --publish  # the committed tables -> data/labels/validation/ (sealed)
 
 The labeller gets items.jsonl, pass2.jsonl and the rubric, never the key files: they name each item's
 model and condition.
+
+validate scores every judge (judges.ALL_METHODS) against the labels of both domains, fit and held-out halves:
+llama2.csv (the authors' Llama-2 completions: all rows, clean, ablated rows, each model's ablated rows) and
+qwen.csv (this project's turns: overall, per condition, per model), intra_rater.json, and claims_verdicts.csv
+(the claims' judged comparisons on the labelled rows, judges vs labels). data/labels/validation/ is committed:
+only --publish writes there, and seals it (refusal_lat/record.py); stats/claims read the held-out counts from it.
 """
 import argparse
 import json
@@ -42,7 +49,9 @@ def main(argv=None) -> int:
     p.add_argument("--table", help="default: data/labels/<profile>_turns.csv")
     p = sub.add_parser("validate", parents=[common], help="judges against the labels")
     p.add_argument("--table", help="default: data/labels/<profile>_turns.csv")
-    p.add_argument("--out", help="folder for validation.csv (default: runs/<profile>/labelling/)")
+    p.add_argument("--out", help="folder for the tables (default: runs/<profile>/labelling/; with --publish "
+                                 "data/labels/validation/)")
+    p.add_argument("--publish", action="store_true", help="replace the committed tables in data/labels/validation/")
     args = parser.parse_args(argv)
 
     if args.command == "rubric":
@@ -77,18 +86,53 @@ def main(argv=None) -> int:
             print(f"{len(problems)} problems in {table_path} against {run}")
             return 1 if problems else 0
         elif args.command == "validate":
-            table, intra = L.validate(L.read_table(table_path), run)
-            out = Path(args.out) if args.out else L.folder(run)
-            H.atomic_write(out / "validation.csv", table.to_csv(index=False).encode())
-            H.atomic_write(out / "intra_rater.json", (json.dumps(intra, indent=1) + "\n").encode())
-            shown = table[(table.scope == "overall") | (table.half == "held_out")]
-            print(shown[["half", "judge", "scope", "group", "n", "agreement", "kappa", "sensitivity", "specificity",
-                         "bias_points"]].round(3).to_string(index=False))
-            print("intra-rater (pass 1 vs pass 2): " + ", ".join(f"{k} {v:.3g}" for k, v in intra.items()))
-            print(f"-> {out / 'validation.csv'}, {out / 'intra_rater.json'}")
+            return validate(args, profile, run, table_path, H, L)
     except H.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+def validate(args, profile, run, table_path, H, L) -> int:
+    import pandas as pd
+    from refusal_lat import record
+    from refusal_lat.config import DataError
+    from refusal_lat.judges import ALL_METHODS
+    out = Path(args.out) if args.out else (L.VALIDATION_DIR if args.publish else L.folder(run))
+    command = ".venv/bin/python scripts/label_set.py validate --publish"
+    record.check_writable(out, args.publish, "scripts/label_set.py validate")
+    labels = L.read_table(table_path)
+    parts = [L.qwen_rows(labels, run)]
+    try:
+        parts.insert(0, L.authors_rows())
+    except DataError as err:
+        if args.publish:
+            raise
+        print(f"note: the authors' human labels are not reachable ({err}); validating the {profile.name} labels only")
+    rows = L.judge_columns(pd.concat(parts, ignore_index=True), ALL_METHODS)
+    table = L.domain_validation(rows, ALL_METHODS)
+    intra = L.intra_rater(labels)
+    verdicts = L.claims_on_labels(rows, profile.layer, ("project", "project_v1"), seed=args.seed)
+    files = {f"{d}.csv": table[table.domain == d].to_csv(index=False).encode() for d in dict.fromkeys(table.domain)}
+    files["intra_rater.json"] = (json.dumps(intra, indent=1) + "\n").encode()
+    files["claims_verdicts.csv"] = verdicts.to_csv(index=False).encode()
+    if not args.publish and not args.out:  # the earlier scratch table, the labels domain only
+        old = L.validation_table(rows[rows.domain == "qwen"], [m for m in ALL_METHODS])
+        files["validation.csv"] = old.to_csv(index=False).encode()
+    for name, body in files.items():
+        H.atomic_write(out / name, body)
+    if args.publish:
+        record.seal(out, command)
+    shown = table[(table.half == "held_out") & table.judge.isin(["project", "project_v1", "substring"])
+                  & ~table.scope.isin(["model"])]
+    print(shown[["domain", "split", "judge", "scope", "group", "n", "agreement", "kappa", "sensitivity", "specificity",
+                 "bias_points"]].round(3).to_string(index=False))
+    print("intra-rater (pass 1 vs pass 2): " + ", ".join(f"{k} {v:.3g}" for k, v in intra.items()))
+    if len(verdicts):
+        for judge, part in verdicts[verdicts.rater != "labels"].groupby("rater", sort=False):
+            print(f"claims' judged comparisons on the labelled rows, {judge}: {int(part.same_verdict_as_labels.sum())} "
+                  f"of {len(part)} verdicts equal the labels' (claims_verdicts.csv)")
+    print(f"-> {out}: {', '.join(files)}" + (" (sealed)" if args.publish else ""))
     return 0
 
 

@@ -137,3 +137,19 @@ def test_committed_claims_table_matches_its_csv():
     readme = (REPO / "README.md").read_text()
     assert C.claims_markdown(read, sources, ["paper profile"]).splitlines()[2] in readme, \
         "README shows a claims table that is not figures/cpu/claims.md"
+
+
+def test_committed_claims_verdicts_follow_from_their_numbers():
+    """Every verdict of the committed table is the rule applied to its own interval and paper value; where a row
+    carries judge-corrected values (claims.CORRECTED, issue 29), its corrected verdict is the rule applied to the
+    corrected interval, and the markdown shows those (test_committed_claims_table_matches_its_csv)."""
+    read = C.read_claims(REPO / "figures" / "cpu")
+    for r in read.itertuples():
+        paper = None if pd.isna(r.paper) else r.paper
+        assert r.verdict == C.verdict(r.lo, r.hi, C.EXPECT[r.claim], paper), r
+    if "corrected_verdict" in read:
+        judged = read[read.corrected_verdict.notna() & (read.corrected_verdict.astype(str) != "")]
+        for r in judged.itertuples():
+            paper = None if pd.isna(r.paper) else r.paper
+            assert r.unit == "pp refusal" and isinstance(r.judge, str) and r.judge
+            assert r.corrected_verdict == C.verdict(r.corrected_lo, r.corrected_hi, C.EXPECT[r.claim], paper), r

@@ -552,7 +552,8 @@ def test_project_judge_features_by_name_and_pinned_probabilities():
     for text, request, expected in FEATURE_CASES:
         got = dict(zip(J.FEATURES, J.features(text, request).tolist()))
         assert got == pytest.approx({name: float(expected.get(name, 0.0)) for name in J.FEATURES}), text
-    probabilities = J.refusal_probability([t for t, _, _ in FEATURE_CASES], [r for _, r, _ in FEATURE_CASES])
+    probabilities = J.refusal_probability([t for t, _, _ in FEATURE_CASES], [r for _, r, _ in FEATURE_CASES],
+                                          J.load_params(J.PARAMS_V1_PATH))  # version 1's weights (pinned)
     assert probabilities.tolist() == pytest.approx([0.9537526907448486, 0.04584606719217196, 0.28231897532401495,
                                                     0.5251846514879827, 0.4927970960991279, 0.6363645911245203],
                                                    abs=1e-9)

@@ -1,6 +1,5 @@
 """The repository's promises: pinned installs agree, notebooks are clean, the runner names failures."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,8 +32,10 @@ def test_notebooks_are_committed_without_outputs_and_have_a_parameters_cell():
         assert len(tagged) == 1 and "profile" in tagged[0].source, path.name
 
 
-def test_runner_stops_naming_the_notebook_and_cell(tmp_path):
-    """Everything it writes lands under tmp_path (--run-dir), never in the repository's runs/tiny/."""
+def test_runner_stops_naming_the_notebook_and_cell(tmp_path, monkeypatch, capsys):
+    """Everything it writes lands under tmp_path (--run-dir), never in the repository's runs/tiny/. The runner
+    runs in this process (a real kernel executes the notebook); a subprocess only re-imported papermill."""
+    import importlib.util
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_code_cell('profile = "tiny"', metadata={"tags": ["parameters"]}),
         nbformat.v4.new_code_cell("x = 1"),
@@ -45,11 +46,14 @@ def test_runner_stops_naming_the_notebook_and_cell(tmp_path):
     nbformat.write(nb, tmp_path / "notebooks" / "07_broken.ipynb")
     in_repo = REPO / "runs" / "tiny" / "notebooks" / "07_broken.ipynb"
     before = in_repo.stat().st_mtime_ns if in_repo.exists() else None
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "run_notebooks.py"), "--profile", "tiny",
-                             "--notebooks", str(tmp_path / "notebooks"), "--run-dir", str(tmp_path / "run")],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1
-    assert "FAILED: 07_broken.ipynb, cell" in result.stderr and "ValueError: boom" in result.stderr
+    spec = importlib.util.spec_from_file_location("run_notebooks", REPO / "scripts" / "run_notebooks.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    monkeypatch.setattr(sys, "argv", ["run_notebooks.py", "--profile", "tiny", "--notebooks", str(tmp_path / "notebooks"),
+                                      "--run-dir", str(tmp_path / "run")])
+    assert runner.main() == 1
+    err = capsys.readouterr().err
+    assert "FAILED: 07_broken.ipynb, cell" in err and "ValueError: boom" in err
     assert (tmp_path / "run" / "notebooks" / "07_broken.ipynb").is_file()
     assert (in_repo.stat().st_mtime_ns if in_repo.exists() else None) == before
 

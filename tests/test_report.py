@@ -72,10 +72,19 @@ def test_progress_text_mode_writes_plain_lines(monkeypatch):
         bar.update(1)
     bar.close()
     lines = out.getvalue().splitlines()
-    assert "\r" not in out.getvalue() and len(lines) >= 2
-    assert lines[-1].startswith("generate: 100%") and "4/4" in lines[-1]
+    assert "\r" not in out.getvalue() and len(lines) == 5
+    assert lines[0].startswith("generate: 1/4 tok after") and "ETA" in lines[0]
+    assert lines[-1].startswith("generate: 4/4 tok in ")
     monkeypatch.delenv("REFUSAL_LAT_PROGRESS")
     assert not progress_mod.text_mode()
+
+
+def test_a_short_stage_prints_one_line_not_a_0_and_a_100_percent_line(monkeypatch):
+    monkeypatch.setenv("REFUSAL_LAT_PROGRESS", "text")
+    out = io.StringIO()
+    assert list(progress_mod.progress(range(3), desc="base/harmful", unit="batch", stream=out)) == [0, 1, 2]
+    (line,) = out.getvalue().splitlines()
+    assert line.startswith("base/harmful: 3/3 batch in ") and "%" not in line
 
 
 def test_separation_words_read_the_auroc():

@@ -11,6 +11,7 @@ import torch
 
 from .. import record
 from ..config import DTYPES, REPO, ConfigError, ModelSpec, Profile, check_layers, model_role_spec
+from ..quiet import no_loading_bars
 from ..store import sha256_file
 from .gguf import converted_gguf_folder
 
@@ -90,16 +91,17 @@ def load_model(profile: Profile, role: str, merge: bool = True):
         kwargs["device_map"] = "auto"  # spreads a model larger than one GPU over several
     elif quantized:
         kwargs["device_map"] = {"": "cpu"}  # bitsandbytes quantises while loading, onto this device
-    if spec.source == "tiny":
-        model = tiny_model(spec.config, len(tokenizer)).to(dtype)
-        if quantized:  # quantised as any checkpoint is: saved, then loaded with the config
-            with tempfile.TemporaryDirectory() as folder:
-                model.save_pretrained(folder)
-                model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    elif spec.source == "pypi_gguf":  # weights from safetensors only: nothing in a cache folder is unpickled
-        model = AutoModelForCausalLM.from_pretrained(converted_gguf_folder(spec), use_safetensors=True, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(spec.id, revision=spec.revision, **kwargs)
+    with no_loading_bars():
+        if spec.source == "tiny":
+            model = tiny_model(spec.config, len(tokenizer)).to(dtype)
+            if quantized:  # quantised as any checkpoint is: saved, then loaded with the config
+                with tempfile.TemporaryDirectory() as folder:
+                    model.save_pretrained(folder)
+                    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        elif spec.source == "pypi_gguf":  # weights from safetensors only: nothing in a cache folder is unpickled
+            model = AutoModelForCausalLM.from_pretrained(converted_gguf_folder(spec), use_safetensors=True, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(spec.id, revision=spec.revision, **kwargs)
     if spec.adapter and merge:
         model = merge_adapter(model, adapter_location(spec), spec.adapter_revision, lora_dtype=lora_dtype(profile))
     elif spec.adapter:

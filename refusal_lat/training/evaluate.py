@@ -29,6 +29,7 @@ from ..activations import block_inputs
 from ..config import ConfigError, Profile, model_role_spec, run_dir
 from ..data import eval_pool, evenly_spaced, paper_splits, prompt_sets
 from ..hooks import ablation
+from ..judges import fingerprint
 from ..models.load import model_fingerprint
 from ..models.pool import use_model
 from ..record import check_writable, verify
@@ -127,8 +128,8 @@ def evaluate_model(profile: Profile, role: str, prompts: dict, radii: dict, sett
         key["batched"] = GENERATION_ROWS
     path = run / "arms" / f"{role}.safetensors"
     hit = fresh(path, key, read_record)
-    if hit is not None:
-        return hit
+    if hit is not None:  # the turns are the record; the labels are this checkout's judges' (cheap to redo)
+        return rejudge(hit, prompts)
     sets = prompt_sets(profile)
     model, tokenizer = use_model(profile, role)
     acts = {"harmful": block_inputs(model, tokenizer, profile, sets.harmful, desc=f"{role} harmful"),
@@ -145,6 +146,13 @@ def evaluate_model(profile: Profile, role: str, prompts: dict, radii: dict, sett
         print(f"{role} {condition}: refusal {np.mean(record['conditions'][condition]['labels']['project']):.3f}",
               flush=True)
     store(path, key, encode_record(record))
+    return record
+
+
+def rejudge(record: dict, prompts: dict) -> dict:
+    """A cached record with every condition's labels made again from its turns by this checkout's judges."""
+    for condition, out in record["conditions"].items():
+        out["labels"] = refusal_labels(out["turns"], prompts["harmless" if condition == "harmless" else "harmful"])
     return record
 
 
@@ -377,6 +385,24 @@ def load_tables(folder: Path, want: dict | None = None) -> dict | None:
     return {n: read(n) for n in TABLES}
 
 
+def tables_judge(folder: Path) -> str:
+    """The judge version whose labels a table folder holds (the `project` column of labels.csv): the method whose
+    fingerprint its manifest.json records, or "project_v1" for tables evaluated before the manifest recorded it
+    (version 1 was then the project judge)."""
+    from ..judges import FITTED
+    try:
+        recorded = json.loads((Path(folder) / "manifest.json").read_text()).get("judge")
+    except (OSError, ValueError):
+        recorded = None
+    if recorded is None:
+        return "project_v1"
+    for method in FITTED:
+        if fingerprint(method) == recorded:
+            return method
+    raise ConfigError(f"{folder}: its labels were made by judge {recorded}, which is neither of this checkout's "
+                      f"fitted judges; evaluate again (scripts/evaluate_arms.py) so that labels and judge agree")
+
+
 def rebuild_comparisons(folder: Path, publish: bool = False) -> "pd.DataFrame":
     """comparisons.csv again from the folder's own labels.csv (no model runs): for a table folder whose
     comparisons() gained rows after it was evaluated. A committed folder needs publish=True."""
@@ -432,6 +458,6 @@ def evaluate_arms(profile: Profile, rec: Recipe, arms, seeds, settings: EvalSett
     for name, table in tables.items():
         atomic_write(out / f"{name}.csv", table.to_csv(index=name == "transfer_summary").encode())
     written = {**manifest(profile, rec, arms, seeds, settings), "radii": radii, "threads": torch.get_num_threads(),
-               **({"batched": GENERATION_ROWS} if batched else {})}
+               "judge": fingerprint("project"), **({"batched": GENERATION_ROWS} if batched else {})}
     atomic_write(out / "manifest.json", (json.dumps(written, indent=1) + "\n").encode())
     return tables

@@ -1,0 +1,57 @@
+"""Evaluate every trained model of the budget sweep (training v3; refusal_lat/training/sweep_eval.py) and
+write the tables notebook 07 reads into <sweep adapters>/eval/ (no completion text there; the
+completions stay in runs/<profile>/sweep/).
+
+    python scripts/evaluate_sweep.py --profile cpu --threads 1 --publish      # the committed tables
+    python scripts/evaluate_sweep.py --profile cpu --budgets 0.14 --out /tmp/sweep-0.14
+
+<sweep adapters>/eval/ is committed: only --publish writes there, and then seals the folder again (its
+MANIFEST.json, refusal_lat/record.py). A narrower selection (--budgets, --seeds) needs --out.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--budgets", nargs="+", type=float, help="default: every trained budget")
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: every trained seed")
+    parser.add_argument("--out", help="table folder (default: <sweep adapters>/eval, committed: needs --publish)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--publish", action="store_true", help="replace the committed tables")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    import torch
+    import helpers as H
+    from refusal_lat import record
+    from refusal_lat.training import sweep as S
+    from refusal_lat.training import sweep_eval as V
+    try:
+        profile = H.load_profile(args.profile)
+        sw = S.sweep_of(profile)
+        out = Path(args.out) if args.out else REPO / sw.adapters / "eval"
+        if args.publish and (args.budgets or args.seeds):
+            raise H.ConfigError("published sweep tables cover every trained model; write a narrower selection "
+                                "elsewhere (--out <folder>)")
+        if args.threads:
+            if args.threads < 1:
+                raise H.ConfigError(f"threads = {args.threads} is out of range; need threads >= 1")
+            torch.set_num_threads(args.threads)
+        started = time.time()
+        V.evaluate_sweep(profile, out, budgets=args.budgets, seeds=args.seeds, publish=args.publish)
+        if args.publish and record.committed(out):
+            record.seal(out, record.remake_command(out))
+    except H.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"evaluated in {(time.time() - started) / 60:.1f} min on {torch.get_num_threads()} threads -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
