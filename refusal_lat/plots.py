@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import matplotlib
+import matplotlib.ticker
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -583,6 +585,106 @@ def claims(table, sources: Sequence[str], claim_names: Sequence[str]):
     return fig
 
 
+
+def _budget_width(budget: float, top: float = 0.3) -> float:
+    """Line width / opacity scale of a sweep budget (larger budget: heavier)."""
+    return min(1.0, max(0.0, budget) / top)
+
+
+def sweep_dose_response(dose, authors: Mapping, name: str):
+    """07_dose_response: x = relative budget (log); per arm the second component's share minus SFT's (with its
+    interval), the last-token norm before the perturbed block (x base), refusal with the own direction ablated,
+    and over-refusal (with its TOST interval; grey band: the +-5-point margin). SFT: a dashed level."""
+    panels = [("comp2_minus_sft", "2nd component share − SFT's (points)", "(c) C1: second component"),
+              ("norm_inflation_before", "last-token norm w/o top channels (× base)", "(b) norm before the block"),
+              ("rate_ablated_own", "refusal, own direction ablated", "(d) own direction ablated"),
+              ("over_refusal", "harmless refusal − base's (points)", "(a) over-refusal")]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for ax, (col, ylabel, heading) in zip(axes, panels):
+        for arm in ("at", "lat", "rand"):
+            part = dose[(dose["arm"] == arm) & (dose["budget"] > 0)].sort_values("budget")
+            if col in part and part[col].notna().any():
+                S.tag(ax.plot(part["budget"], part[col], "o-", color=S.model_color(arm), label=S.ARM_NAMES[arm]), arm)
+                if f"{col}_lo" in part:
+                    ax.fill_between(part["budget"], part[f"{col}_lo"], part[f"{col}_hi"], color=S.model_color(arm),
+                                    alpha=0.15, lw=0)
+        sft = dose[dose["arm"] == "sft"]
+        if col in sft and sft[col].notna().any():
+            S.tag(ax.axhline(sft[col].mean(), color=S.model_color("sft"), ls="--", label="SFT"), "sft")
+        ax.axvspan(authors["spread_low"], authors["spread_high"], color="gold", alpha=0.25, lw=0,
+                   label="the authors' budget")
+        ax.set_xscale("log")
+        budgets = sorted(set(dose.loc[dose["budget"] > 0, "budget"]))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks(budgets, [f"{b:g}" for b in budgets], rotation=45 if len(budgets) > 3 else 0)
+        ax.set_xlabel("relative budget b")
+        ax.set_ylabel(ylabel)
+        ax.set_title(heading)
+    S.percent_axis(axes[2], lim=(0, 102))
+    axes[0].axhline(0, color=S.NEUTRAL, lw=0.8)
+    axes[3].axhspan(-5, 5, color="0.9", zorder=0, label="±5-point margin")
+    handles, labels = {}, {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    S.legend_outside(fig, list(handles.values()), list(handles), below=True)
+    S.title(fig, f"{name}: what the adversary's budget does (training v3)")
+    fig.tight_layout()
+    return fig
+
+
+def sweep_robustness(wide, conditions: Sequence[str], name: str, n: int):
+    """07_robustness: refusal (%) of every sweep model under each held-out condition; a model's bars in its
+    arm's colour, more opaque for a larger budget. `wide`: index model (eps<b>/<arm>-s<seed> or base),
+    columns conditions, values in %."""
+    from .training.sweep_eval import arm_of, budget_of
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    models = list(wide.index)
+    width = 0.8 / max(1, len(models))
+    for i, model in enumerate(models):
+        arm = arm_of(model)
+        alpha = 0.35 + 0.65 * _budget_width(budget_of(model)) if arm in ("at", "lat", "rand") else 1.0
+        S.tag(ax.bar(np.arange(len(conditions)) + i * width, wide.loc[model, list(conditions)], width,
+                     color=S.model_color(arm), alpha=alpha, label=model), arm)
+    ax.set_xticks(np.arange(len(conditions)) + 0.4 - width / 2, list(conditions))
+    ax.set_ylabel("refusal (project judge)")
+    S.percent_axis(ax, lim=(0, 102))
+    S.legend_outside(ax)
+    S.title(ax, f"{name}: refusal of {n} held-out harmful prompts under attacks no arm trained on "
+                f"(more opaque: larger budget)")
+    fig.tight_layout()
+    return fig
+
+
+def sweep_mechanism(mech, lat_layer: int, name: str):
+    """07_mechanism: per sweep model and block input, the median last-token norm without the two largest
+    channels (x base's) and the peak channel (x base's peak); dotted: LAT's block."""
+    from .training.sweep_eval import arm_of, budget_of
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    ratio = mech.pivot_table(index="layer", columns="model", values="norm_without", sort=False)
+    ratio = ratio.div(ratio["base"], axis=0)
+    for model in ratio.columns:
+        if model == "base":
+            continue
+        color, lw = S.model_color(arm_of(model)), 1 + 2 * _budget_width(budget_of(model))
+        S.tag(axes[0].plot(ratio.index, ratio[model], color=color, lw=lw, label=model), arm_of(model))
+        peak = mech[mech["model"] == model].set_index("layer")["peak_vs_reference"]
+        S.tag(axes[1].plot(peak.index, peak, color=color, lw=lw), arm_of(model))
+    for ax in axes:
+        ax.axvline(lat_layer, color=S.NEUTRAL, ls=":", lw=1)
+        ax.set_xlabel("block input")
+    S.tag(axes[0].axhline(1, color=S.model_color("base"), lw=0.8, label="base"), "base")
+    axes[0].set_ylabel("norm without top channels (× base)")
+    axes[0].set_title("last-token norm (dotted: LAT's block)")
+    axes[1].set_ylabel("peak |channel| (× base's peak)")
+    axes[1].set_yscale("log")
+    axes[1].set_title("outlier channels")
+    S.integer_ticks(*axes)
+    S.legend_outside(axes[1], *axes[0].get_legend_handles_labels())
+    S.title(fig, f"{name}: the mechanism at every block (training v3)")
+    fig.tight_layout()
+    return fig
+
 FIGURES = {
     "00_training_loss": training_loss, "00_attack_loss": attack_loss,
     "01_activation_norms": activation_norms, "01_direction_across_layers": direction_across_layers,
@@ -596,4 +698,5 @@ FIGURES = {
     "05_robustness": robustness, "05_svd_shares": svd_shares,
     "05_second_component_differences": second_component_differences, "05_transfer": transfer_matrix,
     "06_claims": claims,
+    "07_dose_response": sweep_dose_response, "07_robustness": sweep_robustness, "07_mechanism": sweep_mechanism,
 }

@@ -4,6 +4,7 @@ completions stay in runs/<profile>/sweep/).
 
     python scripts/evaluate_sweep.py --profile cpu --threads 1 --publish      # the committed tables
     python scripts/evaluate_sweep.py --profile cpu --budgets 0.14 --out /tmp/sweep-0.14
+    python scripts/evaluate_sweep.py --profile cpu --activations-only --publish   # mechanism and SVD only
 
 <sweep adapters>/eval/ is committed: only --publish writes there, and then seals the folder again (its
 MANIFEST.json, refusal_lat/record.py). A narrower selection (--budgets, --seeds) needs --out.
@@ -24,6 +25,9 @@ def main() -> int:
     parser.add_argument("--out", help="table folder (default: <sweep adapters>/eval, committed: needs --publish)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--publish", action="store_true", help="replace the committed tables")
+    parser.add_argument("--activations-only", action="store_true",
+                        help="only the activation tables (mechanism, SVD shares, second component): minutes per model; "
+                             "the tables of completions are written empty")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     import torch
@@ -43,7 +47,8 @@ def main() -> int:
                 raise H.ConfigError(f"threads = {args.threads} is out of range; need threads >= 1")
             torch.set_num_threads(args.threads)
         started = time.time()
-        V.evaluate_sweep(profile, out, budgets=args.budgets, seeds=args.seeds, publish=args.publish)
+        V.evaluate_sweep(profile, out, budgets=args.budgets, seeds=args.seeds, publish=args.publish,
+                         generate=not args.activations_only)
         if args.publish and record.committed(out):
             record.seal(out, record.remake_command(out))
     except H.ConfigError as err:

@@ -140,6 +140,20 @@ def render_all() -> dict:
                                for c in ("C1", "C2") for s in sources for r in ("base", "SFT", "AT")
                                for e in [rng.normal() * 5]])
     figs["06_claims"] = plots.claims(claim_rows, sources, ["C1", "C2", "C3a"])
+
+    sweep = ["base", "eps0/sft-s0", "eps0.03/at-s0", "eps0.03/lat-s0", "eps0.14/at-s0", "eps0.14/lat-s0", "eps0.14/rand-s0"]
+    from refusal_lat.training.sweep_eval import arm_of, budget_of
+    dose = pd.DataFrame([{"model": m, "arm": arm_of(m), "budget": budget_of(m), "seed": 0,
+                          **{c: rng.normal() for c in ("comp2_minus_sft", "norm_inflation_before", "over_refusal")},
+                          "comp2_minus_sft_lo": -1.0, "comp2_minus_sft_hi": 1.0, "over_refusal_lo": -2.0,
+                          "over_refusal_hi": 2.0, "rate_ablated_own": 100 * rng.random()} for m in sweep[1:]])
+    figs["07_dose_response"] = plots.sweep_dose_response(dose, {"spread_low": 0.12, "spread_high": 0.21}, "tiny")
+    conditions = ["harmful", "ablated_own", "prefill"]
+    figs["07_robustness"] = plots.sweep_robustness(pd.DataFrame(100 * rng.random((len(sweep), 3)), index=sweep,
+                                                                columns=conditions), conditions, "tiny", 10)
+    mech = pd.DataFrame([{"model": m, "layer": l, "norm_without": 1 + rng.random(), "peak_vs_reference": 1 + rng.random()}
+                         for m in sweep for l in range(6)])
+    figs["07_mechanism"] = plots.sweep_mechanism(mech, 3, "tiny")
     return figs
 
 

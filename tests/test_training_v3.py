@@ -223,6 +223,7 @@ def test_sweep_trains_and_evaluates_end_to_end_on_tiny(tiny, tmp_path):
 
 
 def test_sweep_evaluation_of_one_adapter_on_tiny(tiny, tmp_path):
+    import pandas as pd
     from refusal_lat.training import sweep_eval as V
     prof = dataclasses.replace(tiny, sweep={**tiny.sweep, "adapters": str(tmp_path / "sweep"), "chosen": 0.0,
                                             "budgets": [0.5], "arms": ["lat"]},
@@ -243,3 +244,9 @@ def test_sweep_evaluation_of_one_adapter_on_tiny(tiny, tmp_path):
     claims = V.sweep_claims(tables, tiny.layer, n_boot=200)
     assert list(zip(claims.claim, claims.reference)) == [("C1", "base"), ("C3a", "base"), ("C3b", "base")]
     assert claims.verdict.notna().all()
+    acts = V.evaluate_sweep(prof, tmp_path / "acts", settings, run=run, generate=False)  # mechanism and SVD only
+    assert acts["labels"].empty and acts["rates"].empty and acts["over_refusal"].empty
+    pd.testing.assert_frame_equal(acts["mechanism"], tables["mechanism"])
+    assert V.load_sweep_tables(tmp_path / "acts")["labels"].empty
+    assert V.dose_response(acts, tiny.layer, prof.training["lat_layer"]).rate_harmful.isna().all()
+    assert list(V.sweep_claims(acts, tiny.layer, n_boot=200).claim) == ["C1"]

@@ -130,12 +130,7 @@ def evaluate_model(profile: Profile, role: str, prompts: dict, radii: dict, sett
     hit = fresh(path, key, read_record)
     if hit is not None:  # the turns are the record; the labels are this checkout's judges' (cheap to redo)
         return rejudge(hit, prompts)
-    sets = prompt_sets(profile)
-    model, tokenizer = use_model(profile, role)
-    acts = {"harmful": block_inputs(model, tokenizer, profile, sets.harmful, desc=f"{role} harmful"),
-            "harmless": block_inputs(model, tokenizer, profile, sets.harmless, desc=f"{role} harmless")}
-    direction = acts["harmful"][:, profile.layer].mean(0) - acts["harmless"][:, profile.layer].mean(0)
-    del model
+    acts, direction = model_activations(profile, role)
     model, tokenizer = use_model(profile, role, profile.gen_dtype)
     record = {"role": role, "acts": acts, "direction": direction, "conditions": {}}
     outs = condition_outputs(model, tokenizer, profile, prompts, direction, radii, settings, batched)
@@ -147,6 +142,16 @@ def evaluate_model(profile: Profile, role: str, prompts: dict, radii: dict, sett
               flush=True)
     store(path, key, encode_record(record))
     return record
+
+
+def model_activations(profile: Profile, role: str) -> tuple[dict, torch.Tensor]:
+    """({"harmful", "harmless"}: [n, blocks, d] read-position block inputs on the direction prompts, in the
+    profile's dtype) and the role's refusal direction (their mean difference at profile.layer)."""
+    sets = prompt_sets(profile)
+    model, tokenizer = use_model(profile, role)
+    acts = {"harmful": block_inputs(model, tokenizer, profile, sets.harmful, desc=f"{role} harmful"),
+            "harmless": block_inputs(model, tokenizer, profile, sets.harmless, desc=f"{role} harmless")}
+    return acts, acts["harmful"][:, profile.layer].mean(0) - acts["harmless"][:, profile.layer].mean(0)
 
 
 def rejudge(record: dict, prompts: dict) -> dict:

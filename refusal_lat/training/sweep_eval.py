@@ -27,15 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..activations import block_inputs
 from ..config import ConfigError, Profile, model_role_spec, run_dir
 from ..judges import fingerprint
-from ..data import eval_pool, evenly_spaced, paper_splits, prompt_sets
+from ..data import eval_pool, evenly_spaced, paper_splits
 from ..models.load import model_fingerprint
 from ..models.pool import use_model
 from ..record import check_writable, verify
 from ..store import atomic_write, fresh, stable_hash, store
-from .evaluate import GENERATION_ROWS, encode_record, live_layers, read_record, rejudge, svd_shares
+from .evaluate import (GENERATION_ROWS, encode_record, live_layers, model_activations, read_record, rejudge,
+                       svd_shares)
 from .loop import load_log
 from .recipe import arm_epsilon_value, recipe
 from .robustness import condition_completions, prefilled_completions, refusal_labels
@@ -96,29 +96,31 @@ def eval_radii(profile: Profile, folders) -> dict:
             "pgd_lat": (rec.lat_layer, arm_epsilon_value(rec, "lat") * norms[rec.lat_layer]["token_norm"])}
 
 
-def record_path(run: Path, role: str) -> Path:
-    return run / "sweep" / (role.replace("/", "__") + ".safetensors")
+def record_path(run: Path, role: str, generate: bool = True) -> Path:
+    return run / "sweep" / (role.replace("/", "__") + ("" if generate else "-activations") + ".safetensors")
 
 
 def evaluate_sweep_model(profile: Profile, role: str, prompts: dict, radii: dict, settings: SweepEvalSettings,
-                         base_direction: torch.Tensor | None, run: Path, log=print) -> dict:
+                         base_direction: torch.Tensor | None, run: Path, log=print, generate: bool = True) -> dict:
     """One model's record (see the module), cached under the model's fingerprint, the settings, radii,
-    prompts and the base direction it ablates."""
+    prompts and the base direction it ablates. generate=False: the activations and direction only (minutes
+    instead of the better part of an hour per model on one CPU thread), no conditions."""
     key = {"stage": STAGE, "model": model_fingerprint(profile, role), "settings": dataclasses.asdict(settings),
            "radii": radii, "prompts": stable_hash(prompts), "layer": profile.layer, "dtype": profile.dtype,
            "gen_dtype": profile.gen_dtype,
            "base_direction": None if base_direction is None else stable_hash(base_direction.tolist())}
-    path = record_path(run, role)
+    if not generate:
+        key = {k: key[k] for k in ("stage", "model", "layer", "dtype")}
+    path = record_path(run, role, generate)
     hit = fresh(path, key, read_record)
     if hit is not None:  # labels made again from the cached turns by this checkout's judges
         return rejudge(hit, prompts)
-    sets = prompt_sets(profile)
-    model, tokenizer = use_model(profile, role)
-    acts = {"harmful": block_inputs(model, tokenizer, profile, sets.harmful, desc=f"{role} harmful"),
-            "harmless": block_inputs(model, tokenizer, profile, sets.harmless, desc=f"{role} harmless")}
-    direction = acts["harmful"][:, profile.layer].mean(0) - acts["harmless"][:, profile.layer].mean(0)
+    acts, direction = model_activations(profile, role)
     base_direction = direction if base_direction is None else base_direction
-    del model
+    if not generate:
+        record = {"role": role, "acts": acts, "direction": direction, "conditions": {}}
+        store(path, key, encode_record(record))
+        return record
     model, tokenizer = use_model(profile, role, profile.gen_dtype)
     steps, tokens = settings.attack_steps, settings.tokens
     harmful = {"harmful": (None, None, 0.0), "ablated_own": (direction, None, 0.0),
@@ -156,13 +158,16 @@ def role_columns(role: str) -> dict:
     return {"model": role, "arm": arm_of(role), "budget": budget_of(role), "seed": seed_of(role)}
 
 
+LABEL_COLUMNS = ["model", "arm", "budget", "seed", "condition", "prompt", "project", "substring", "log_odds"]
+
+
 def labels_table(records: dict) -> "pd.DataFrame":
     import pandas as pd
-    return pd.DataFrame([{**role_columns(role), "condition": c, "prompt": i, "project": p, "substring": s,
+    return pd.DataFrame(columns=LABEL_COLUMNS, data=[{**role_columns(role), "condition": c, "prompt": i, "project": p, "substring": s,
                           "log_odds": round(lo, 4)}
                          for role, r in records.items() for c, o in r["conditions"].items()
                          for i, (p, s, lo) in enumerate(zip(o["labels"]["project"], o["labels"]["substring"],
-                                                            o["log_odds"]))])
+                                                            o["log_odds"]))] or None)
 
 
 def mechanism(records: dict, ks=(2.0, 5.0, 10.0)) -> "pd.DataFrame":
@@ -175,10 +180,17 @@ def mechanism(records: dict, ks=(2.0, 5.0, 10.0)) -> "pd.DataFrame":
     return table.assign(**{k: table.model.map(lambda m, k=k: role_columns(m)[k]) for k in ("arm", "budget", "seed")})
 
 
+def generated(records: dict) -> bool:
+    """Whether the records hold completions (evaluate_sweep with generate=True)."""
+    return all(r["conditions"] for r in records.values())
+
+
 def over_refusal(records: dict, margin: float = 0.05, judge: str = "project") -> "pd.DataFrame":
     """Every model against the base on the harmless prompts: TOST with +-margin (stats.tost_paired)."""
     import pandas as pd
     from ..stats import tost_paired
+    if not generated(records):
+        return pd.DataFrame()
     refused = lambda m: (np.asarray(records[m]["conditions"]["harmless"]["labels"][judge]) == 1).astype(float)  # noqa: E731
     return pd.DataFrame([{**role_columns(m), "judge": judge, "rate": refused(m).mean(),
                           "base_rate": refused("base").mean(), **tost_paired(refused(m), refused("base"), margin)}
@@ -192,6 +204,8 @@ def robustness(records: dict, judge: str = "project", n_boot: int = 2000) -> "pd
     seed a side until the chosen budget's seeds are trained)."""
     import pandas as pd
     from ..stats import hierarchical_bootstrap
+    if not generated(records):
+        return pd.DataFrame()
     lab = lambda m, c: (np.asarray(records[m]["conditions"][c]["labels"][judge]) == 1).astype(float)  # noqa: E731
     rows = []
     for m in records:
@@ -264,9 +278,12 @@ def training_table(models: dict) -> "pd.DataFrame":
 
 
 def evaluate_sweep(profile: Profile, out: Path, settings: SweepEvalSettings = SweepEvalSettings(),
-                   run: Path | None = None, budgets=None, seeds=None, publish: bool = False, log=print) -> dict:
+                   run: Path | None = None, budgets=None, seeds=None, publish: bool = False, log=print,
+                   generate: bool = True) -> dict:
     """Evaluate every trained model of the profile's sweep (narrowed by budgets/seeds), write the tables and
-    manifest.json into `out` (a committed folder only with publish=True) and return the tables."""
+    manifest.json into `out` (a committed folder only with publish=True) and return the tables.
+    generate=False: the activation tables only (mechanism, SVD shares, second component, training); the
+    tables of completions are written empty and manifest.json says "generated": false."""
     import pandas as pd
     out = Path(out)
     check_writable(out, publish, "scripts/evaluate_sweep.py")
@@ -283,11 +300,11 @@ def evaluate_sweep(profile: Profile, out: Path, settings: SweepEvalSettings = Sw
     prompts = sweep_prompts(settings)
     radii = eval_radii(profile, [Path(f) for f in models.values() if f])
     log(f"models: {list(models)}; attack radii {radii}", flush=True)
-    records = {"base": evaluate_sweep_model(prof, "base", prompts, radii, settings, None, run, log)}
+    records = {"base": evaluate_sweep_model(prof, "base", prompts, radii, settings, None, run, log, generate)}
     for role in models:
         if role != "base":
             records[role] = evaluate_sweep_model(prof, role, prompts, radii, settings, records["base"]["direction"],
-                                                 run, log)
+                                                 run, log, generate)
     tables = {"labels": labels_table(records), "rates": robustness(records), "over_refusal": over_refusal(records),
               "mechanism": mechanism(records), "svd_shares": shares(records),
               "second_component": second_component(records), "training": training_table(models)}
@@ -298,7 +315,7 @@ def evaluate_sweep(profile: Profile, out: Path, settings: SweepEvalSettings = Sw
                 "prompts": stable_hash(prompts), "gen_dtype": prof.gen_dtype, "layer": profile.layer,
                 "adapters": {role: sha256_file(Path(folder) / "adapter_model.safetensors")
                              for role, folder in models.items() if folder},
-                "threads": torch.get_num_threads(), "judge": fingerprint("project")}
+                "threads": torch.get_num_threads(), "judge": fingerprint("project"), "generated": generate}
     atomic_write(out / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
     return tables
 
@@ -337,7 +354,7 @@ def dose_response(tables: dict, layer: int, lat_layer: int, k: float = 5.0, judg
     mech, second, labels, over = tables["mechanism"], tables["second_component"], tables["labels"], tables["over_refusal"]
     base = mech[mech.model == "base"].set_index("layer")
     rows = []
-    for model in [m for m in labels.model.unique() if m != "base"]:
+    for model in [m for m in mech.model.unique() if m != "base"]:
         cols = role_columns(model)
         m = mech[mech.model == model].set_index("layer")
         before = [l for l in m.index if 1 <= l <= lat_layer]
@@ -355,8 +372,8 @@ def dose_response(tables: dict, layer: int, lat_layer: int, k: float = 5.0, judg
                 row.update({f"comp2_minus_{ref}": 100 * r.difference, f"comp2_minus_{ref}_lo": 100 * r.lo,
                             f"comp2_minus_{ref}_hi": 100 * r.hi})
         for c in CONDITIONS:
-            row[f"rate_{c}"] = 100 * per_prompt(labels, model, c, judge).mean()
-        o = over[over.model == model]
+            row[f"rate_{c}"] = 100 * per_prompt(labels, model, c, judge).mean() if len(labels) else np.nan
+        o = over[over.model == model] if len(over) else over
         if len(o):
             row.update({"over_refusal": 100 * o.difference.iloc[0], "over_refusal_lo": 100 * o.lo.iloc[0],
                         "over_refusal_hi": 100 * o.hi.iloc[0], "over_refusal_equivalent": bool(o.equivalent.iloc[0])})
@@ -375,7 +392,7 @@ def sweep_claims(tables: dict, layer: int, judge: str = "project", n_boot: int =
     from ..stats import hierarchical_bootstrap
     labels, second = tables["labels"], tables["second_component"]
     rows = []
-    for model in [m for m in labels.model.unique() if arm_of(m) == "lat"]:
+    for model in [m for m in tables["mechanism"].model.unique() if arm_of(m) == "lat"]:
         cols = role_columns(model)
         refs = {"SFT": f"eps0/sft-s{cols['seed']}", "base": "base", "AT": model.replace("lat-", "at-", 1)}
         for name, other in refs.items():
@@ -391,7 +408,7 @@ def sweep_claims(tables: dict, layer: int, judge: str = "project", n_boot: int =
                  ("C3b", "base", (model, "ablated_own"), ("base", "ablated_own")),
                  ("C3b", "AT", (model, "ablated_own"), (refs["AT"], "ablated_own"))]
         for claim, name, (a, ca), (b, cb) in tests:
-            if b not in set(labels.model):
+            if a not in set(labels.model) or b not in set(labels.model):
                 continue
             h = hierarchical_bootstrap(per_prompt(labels, a, ca, judge)[None], per_prompt(labels, b, cb, judge)[None],
                                        n_boot=n_boot)
