@@ -678,6 +678,8 @@ def sweep_mechanism(mech, lat_layer: int, name: str):
     axes[0].set_title("last-token norm (dotted: LAT's block)")
     axes[1].set_ylabel("peak |channel| (× base's peak)")
     axes[1].set_yscale("log")
+    axes[1].yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g×"))
+    axes[1].yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g×"))
     axes[1].set_title("outlier channels")
     S.integer_ticks(*axes)
     S.legend_outside(axes[1], *axes[0].get_legend_handles_labels())
