@@ -435,7 +435,7 @@ def tables_for(profile: Profile, run: Path, log=print) -> tuple[Sweep, dict]:
         raise ConfigError(f"no sweep tables in {sw.adapters}/eval: train the sweep (make train-sweep PROFILE="
                           f"{profile.name}, hours on CPU) and evaluate it (scripts/evaluate_sweep.py --profile "
                           f"{profile.name}) first")
-    run = Path(run)
+    run = Path(run).resolve()  # a notebook's run folder may be relative to its own folder (../runs/tiny)
     local = dataclasses.replace(profile, sweep={**profile.sweep, "adapters": str(run / "sweep")})
     sw = sweep_of(local)
     tables = load_sweep_tables(run / "sweep_eval")
