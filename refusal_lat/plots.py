@@ -623,7 +623,7 @@ def sweep_dose_response(dose, authors: Mapping, name: str):
     S.percent_axis(axes[2], lim=(0, 102))
     axes[0].axhline(0, color=S.NEUTRAL, lw=0.8)
     axes[3].axhspan(-5, 5, color="0.9", zorder=0, label="±5-point margin")
-    handles, labels = {}, {}
+    handles = {}  # one entry per label over the four panels
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)

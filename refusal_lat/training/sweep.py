@@ -19,7 +19,6 @@ seed of `chosen_seeds`.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 

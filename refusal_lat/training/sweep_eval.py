@@ -284,7 +284,6 @@ def evaluate_sweep(profile: Profile, out: Path, settings: SweepEvalSettings = Sw
     manifest.json into `out` (a committed folder only with publish=True) and return the tables.
     generate=False: the activation tables only (mechanism, SVD shares, second component, training); the
     tables of completions are written empty and manifest.json says "generated": false."""
-    import pandas as pd
     out = Path(out)
     check_writable(out, publish, "scripts/evaluate_sweep.py")
     sw = sweep_of(profile)
