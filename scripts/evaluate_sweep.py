@@ -5,6 +5,7 @@ completions stay in runs/<profile>/sweep/).
     python scripts/evaluate_sweep.py --profile cpu --threads 1 --publish      # the committed tables
     python scripts/evaluate_sweep.py --profile cpu --budgets 0.14 --out /tmp/sweep-0.14
     python scripts/evaluate_sweep.py --profile cpu --activations-only --publish   # mechanism and SVD only
+    python scripts/evaluate_sweep.py --profile cpu --no-attacks --publish  # every condition but the PGD attacks
 
 <sweep adapters>/eval/ is committed: only --publish writes there, and then seals the folder again (its
 MANIFEST.json, refusal_lat/record.py). A narrower selection (--budgets, --seeds) needs --out.
@@ -28,6 +29,9 @@ def main() -> int:
     parser.add_argument("--activations-only", action="store_true",
                         help="only the activation tables (mechanism, SVD shares, second component): minutes per model; "
                              "the tables of completions are written empty")
+    parser.add_argument("--no-attacks", action="store_true",
+                        help="every condition but the two PGD attacks (their forward + backward passes are most of a "
+                             "model's time); each condition is cached on its own, so a later run adds only the attacks")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     import torch
@@ -48,7 +52,7 @@ def main() -> int:
             torch.set_num_threads(args.threads)
         started = time.time()
         V.evaluate_sweep(profile, out, budgets=args.budgets, seeds=args.seeds, publish=args.publish,
-                         generate=not args.activations_only)
+                         generate=not args.activations_only, attacks=not args.no_attacks)
         if args.publish and record.committed(out):
             record.seal(out, record.remake_command(out))
     except H.ConfigError as err:

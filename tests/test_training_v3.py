@@ -210,7 +210,12 @@ def test_sweep_trains_and_evaluates_end_to_end_on_tiny(tiny, tmp_path):
     tables = V.evaluate_sweep(prof, tmp_path / "eval", settings, run=run)
     assert set(tables) == set(V.TABLES)
     labels = tables["labels"]
-    assert set(labels.condition) == set(V.CONDITIONS) and len(labels) == 4 * (4 + 4 * len(V.CONDITIONS[1:]))
+    c2 = V.ablated("eps0.5/lat-s0")  # C2: LAT's direction in base and in AT of its budget and seed, nowhere else
+    assert set(labels.condition) == {*V.CONDITIONS, c2}
+    assert len(labels) == 4 * (4 + 4 * len(V.CONDITIONS[1:])) + 2 * 4
+    assert set(labels[labels.condition == c2].model) == {"base", "eps0.5/at-s0"}
+    claims = V.sweep_claims(tables, prof.layer, n_boot=200)
+    assert [r for c, r in zip(claims.claim, claims.reference) if c == "C2"] == ["base", "AT"]
     rates = tables["rates"]
     lat = rates[(rates.model == "eps0.5/lat-s0") & (rates.condition == "harmful")].iloc[0]
     assert {"minus_sft", "minus_at", "minus_base"} <= set(rates.columns) and lat.budget == 0.5 and lat.arm == "lat"
@@ -222,7 +227,7 @@ def test_sweep_trains_and_evaluates_end_to_end_on_tiny(tiny, tmp_path):
     assert V.evaluate_sweep(prof, tmp_path / "eval2", settings, run=run)["labels"].equals(labels)  # cached records
 
 
-def test_sweep_evaluation_of_one_adapter_on_tiny(tiny, tmp_path):
+def test_sweep_evaluation_of_one_adapter_on_tiny(tiny, tmp_path, monkeypatch):
     import pandas as pd
     from refusal_lat.training import sweep_eval as V
     prof = dataclasses.replace(tiny, sweep={**tiny.sweep, "adapters": str(tmp_path / "sweep"), "chosen": 0.0,
@@ -233,16 +238,32 @@ def test_sweep_evaluation_of_one_adapter_on_tiny(tiny, tmp_path):
     T.train_profile(prof, ["lat"], S.point_overrides(sw, 0.5), tmp_path / "sweep" / "eps0.5", run=run, seeds=[0],
                     progress=False)
     settings = V.SweepEvalSettings(n_harmful=2, n_harmless=2, tokens=2, attack_steps=1)
-    tables = V.evaluate_sweep(prof, tmp_path / "eval", settings, run=run)
+    calls = []
+    real = V.condition_completions
+    monkeypatch.setattr(V, "condition_completions", lambda *a, **k: calls.append(list(a[4])) or real(*a, **k))
+    quick = V.evaluate_sweep(prof, tmp_path / "quick", settings, run=run, attacks=False)
+    assert not {"pgd_at", "pgd_lat"} & set(quick["labels"].condition)
+    # base: its own direction is the base direction, computed once; LAT's direction in base is C2's condition
+    assert calls == [["harmless"], ["harmful", "ablated_own", V.ablated("eps0.5/lat-s0")],
+                     ["harmless"], ["harmful", "ablated_own", "ablated_base"]]
+    base = quick["labels"][quick["labels"].model == "base"]
+    assert (base[base.condition == "ablated_base"].project.to_numpy() == base[base.condition == "ablated_own"].project.to_numpy()).all()
+    calls.clear()
+    tables = V.evaluate_sweep(prof, tmp_path / "eval", settings, run=run)  # only the attacks are new
+    assert calls == [["pgd_at"], ["pgd_lat"]] * 2
     assert list(tables["rates"].model.unique()) == ["base", "eps0.5/lat-s0"]
-    assert len(tables["labels"]) == 2 * 2 * len(V.CONDITIONS)
+    assert len(tables["labels"]) == 2 * 2 * len(V.CONDITIONS) + 2
+    shared = tables["labels"].merge(quick["labels"], on=["model", "condition", "prompt"])
+    assert len(shared) == len(quick["labels"]) and (shared.project_x == shared.project_y).all()
+    assert json.loads((tmp_path / "quick" / "manifest.json").read_text())["conditions"]["eps0.5/lat-s0"] == [
+        "harmless", "harmful", "ablated_own", "ablated_base", "prefill"]
     with pytest.raises(H.ConfigError, match="--publish"):
         V.evaluate_sweep(prof, H.REPO / "adapters" / "tiny-sweep-eval", settings, run=run)
     dose = V.dose_response(tables, tiny.layer, prof.training["lat_layer"])
     assert len(dose) == 1 and dose.budget.iloc[0] == 0.5 and dose.norm_inflation_before.iloc[0] > 0
     assert {f"rate_{c}" for c in V.CONDITIONS} <= set(dose.columns) and "comp2_minus_base" in dose
     claims = V.sweep_claims(tables, tiny.layer, n_boot=200)
-    assert list(zip(claims.claim, claims.reference)) == [("C1", "base"), ("C3a", "base"), ("C3b", "base")]
+    assert list(zip(claims.claim, claims.reference)) == [("C1", "base"), ("C2", "base"), ("C3a", "base"), ("C3b", "base")]
     assert claims.verdict.notna().all()
     acts = V.evaluate_sweep(prof, tmp_path / "acts", settings, run=run, generate=False)  # mechanism and SVD only
     assert acts["labels"].empty and acts["rates"].empty and acts["over_refusal"].empty
