@@ -108,6 +108,7 @@ from refusal_lat.stats import (  # noqa: F401
     rogan_gladen,
     score_units,
     sign_flip_p,
+    validation_domain,
     wilson,
 )
 from refusal_lat.selection import (  # noqa: F401

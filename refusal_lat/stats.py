@@ -142,19 +142,58 @@ def like_labelled(profile) -> bool:
             and profile.max_new_tokens == LABELLED_TOKENS)
 
 
-def score_units(results: dict, methods=METHODS, judge_text: str = "turn", like_labelled: bool | None = None
-                ) -> "pd.DataFrame":
+LABELLED_QWEN = ("Qwen2.5-Coder-0.5B-Instruct", 32)  # the cpu profile's model and tokens: the Qwen labelled set
+
+
+def validation_domain(profile) -> str | None:
+    """Which labelled set's judge validation describes a profile's completions: "llama2" (like_labelled: the
+    authors' human labels), "qwen" (the cpu model and its adapters, 32-token turns: this project's blind
+    labels, data/labels/validation/qwen.csv), else None (no labelled set: rates are not corrected)."""
+    if like_labelled(profile):
+        return "llama2"
+    model, tokens = LABELLED_QWEN
+    if all(spec.id.split("/")[-1] == model for spec in profile.models.values()) and profile.max_new_tokens == tokens:
+        return "qwen"
+    return None
+
+
+def domain_errors(domain: str | None, methods) -> dict:
+    """{method: {tp, pos, tn, neg}} of each judge on `domain`'s held-out labels (llama2: judge_errors.json;
+    qwen: the published validation table, claims.judge_validation); a judge without one is left out."""
+    if domain == "llama2":
+        errors = judge_errors()
+        return {m: errors[m] for m in methods if m in errors}
+    if domain is None:
+        return {}
+    from .claims import judge_validation
+    from .config import ConfigError
+    out = {}
+    for m in methods:
+        try:
+            v = judge_validation(m, domain)
+        except ConfigError:  # this judge has no row in the domain's table
+            v = None
+        if v is not None:
+            tp, fn, fp, tn = v["counts"]
+            out[m] = {"tp": tp, "pos": tp + fn, "tn": tn, "neg": tn + fp}
+    return out
+
+
+def score_units(results: dict, methods=METHODS, judge_text: str = "turn", like_labelled: bool | None = None,
+                domain: str | None = "llama2") -> "pd.DataFrame":
     """Tidy rates: one row per unit x method with refusal / acceptance / invalid counts and intervals,
     judged on each row's own turn (judge_text="turn") or everything generated ("full"). Each row also
-    carries the judge's measured error against the human labels (judge_errors.json): sensitivity,
-    specificity, and the Rogan-Gladen corrected refusal rate with its propagated interval (NaN when the
-    judge cannot be corrected). like_labelled (see stats.like_labelled) says whether the completions
+    carries the judge's measured error against the human labels of `domain` (validation_domain(profile):
+    "llama2", judge_errors.json; "qwen", this project's labelled turns; None: no labelled set, NaN):
+    sensitivity, specificity, and the Rogan-Gladen corrected refusal rate with its propagated interval (NaN
+    when the judge cannot be corrected). like_labelled (see stats.like_labelled) says whether the completions
     resemble the labelled ones; the correction is only as good as that resemblance, and even between
     two labelled prompt sets the judges' sensitivity/specificity differ (docs/method.md, "Judges").
     mean_refusal_log_odds: the cell's mean first-token refusal log-odds (selection.refusal_score),
     a judge-free continuous companion of the rate."""
     import pandas as pd
-    errors = judge_errors()
+    errors = domain_errors(domain, methods)
+    nan = {"tp": math.nan, "pos": math.nan, "tn": math.nan, "neg": math.nan}
     rows = []
     for (target, source, layer), records in results.items():
         completions, prompts = judge_inputs(records, judge_text)
@@ -162,8 +201,10 @@ def score_units(results: dict, methods=METHODS, judge_text: str = "turn", like_l
         for method in methods:
             labels = classify(completions, method, prompts)
             refusal = rate_summary(labels, 1)
-            e = errors[method]
+            e = errors.get(method, nan)
             try:
+                if method not in errors:
+                    raise ValueError(f"no validation of {method} on {domain}")
                 fixed = corrected_rate_interval(refusal["count"], refusal["n"], (e["tp"], e["pos"]), (e["tn"], e["neg"]))
             except ValueError:
                 fixed = {"rate": math.nan, "low": math.nan, "high": math.nan}
@@ -172,7 +213,7 @@ def score_units(results: dict, methods=METHODS, judge_text: str = "turn", like_l
                          "wald_low": refusal["wald_low"], "wald_high": refusal["wald_high"],
                          "wilson_low": refusal["wilson_low"], "wilson_high": refusal["wilson_high"],
                          "acceptance_rate": labels.count(0) / len(labels), "invalid_rate": labels.count(-1) / len(labels),
-                         "judge_text": judge_text, "judge_sensitivity": e["tp"] / e["pos"],
+                         "judge_text": judge_text, "judge_domain": domain or "", "judge_sensitivity": e["tp"] / e["pos"],
                          "judge_specificity": e["tn"] / e["neg"], "corrected_rate": fixed["rate"],
                          "corrected_low": fixed["low"], "corrected_high": fixed["high"],
                          "like_labelled": like_labelled, "mean_refusal_log_odds": log_odds})

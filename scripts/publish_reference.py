@@ -83,6 +83,19 @@ def cleaned(notebook: Path, roots: list[str]) -> str:
 FIGURE_FILES = ("*.png", "claims.md", "claims.csv", "summary.md")
 
 
+def stale_figures(figures: Path, notebooks: list[Path]) -> list[str]:
+    """Figures NN_*.png in the run's figures/ written before the run of notebook NN being published started
+    (papermill's start_time): left there by an earlier run, they would replace newer committed ones."""
+    import datetime
+    started = {}
+    for nb in notebooks:
+        stamp = json.loads(nb.read_text()).get("metadata", {}).get("papermill", {}).get("start_time")
+        if stamp:
+            started[nb.name[:2]] = datetime.datetime.fromisoformat(stamp).timestamp()
+    return [f.name for f in sorted(figures.glob("[0-9][0-9]_*.png"))
+            if f.name[:2] in started and f.stat().st_mtime < started[f.name[:2]]]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--profile", default="cpu")
@@ -107,6 +120,12 @@ def main() -> int:
                 print(f"error: {name} shows more than the first words of {item}", file=sys.stderr)
         return 1
     target = REPO / "notebooks" / "reference" / args.profile
+    stale = stale_figures(run / "figures", notebooks) if (run / "figures").is_dir() and not args.only else []
+    if stale:
+        print(f"error: {len(stale)} figure(s) in {run / 'figures'} predate the notebook run being published "
+              f"({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}): remove that folder and rerun the "
+              "notebooks (run_notebooks.py --publish writes figures/<profile>/ itself), then publish", file=sys.stderr)
+        return 2
     try:
         record.check_writable(target, args.publish, "scripts/publish_reference.py")
         target.mkdir(parents=True, exist_ok=True)

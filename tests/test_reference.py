@@ -75,3 +75,24 @@ def test_committed_reference_notebooks_carry_no_stderr_widgets_or_machine_paths(
         assert "stderr" not in streams, f"{path.name} shows stderr output"
         assert "widget-view+json" not in text and "widgets" not in nb.get("metadata", {}), f"{path.name} holds widget state"
         assert "/work/" not in text and "/home/" not in text and "/root/" not in text, f"{path.name} shows a machine path"
+
+
+def test_publish_refuses_figures_older_than_the_notebook_run(tmp_path, monkeypatch, capsys):
+    import os
+    run = tmp_path / "run"
+    (run / "notebooks").mkdir(parents=True)
+    (run / "figures").mkdir()
+    _notebook(run / "notebooks" / "07_x.ipynb", "ok\n")
+    nb = json.loads((run / "notebooks" / "07_x.ipynb").read_text())
+    nb["metadata"]["papermill"] = {"start_time": "2026-12-07T21:33:04.163311+00:00"}
+    (run / "notebooks" / "07_x.ipynb").write_text(json.dumps(nb))
+    for name, when in (("07_new.png", "2026-12-07T21:40:00+00:00"), ("07_old.png", "2026-12-06T10:00:00+00:00"),
+                       ("02_other.png", "2026-12-01T10:00:00+00:00")):  # 02 is not being published: not checked
+        (run / "figures" / name).write_bytes(b"png")
+        stamp = __import__("datetime").datetime.fromisoformat(when).timestamp()
+        os.utime(run / "figures" / name, (stamp, stamp))
+    assert P.stale_figures(run / "figures", [run / "notebooks" / "07_x.ipynb"]) == ["07_old.png"]
+    monkeypatch.setattr(sys, "argv", ["publish_reference.py", "--run-dir", str(run), "--profile", "test-never-committed"])
+    assert P.main() == 2
+    assert "predate the notebook run" in capsys.readouterr().err
+    assert not (REPO / "notebooks" / "reference" / "test-never-committed").exists()

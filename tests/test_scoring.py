@@ -1,4 +1,6 @@
 """Fast tests (no model) for the refusal classifiers, rate intervals and McNemar test."""
+import math
+
 import pytest
 import scipy.stats
 
@@ -235,3 +237,21 @@ def test_score_units_carries_the_judges_measured_error():
 def test_like_labelled_only_for_the_paper_setting():
     assert H.like_labelled(H.load_profile("paper")) and not H.like_labelled(H.load_profile("cpu"))
     assert not H.like_labelled(H.load_profile("paper", {"max_new_tokens": 32}))
+
+
+def test_rates_are_corrected_with_the_validation_of_their_own_domain():
+    """cpu's Qwen turns with this project's Qwen labels, the paper's Llama-2 setting with the authors' labels,
+    any other profile not at all (issue 29: notebooks 03/04 corrected Qwen rates with Llama-2 counts)."""
+    from refusal_lat.claims import judge_validation
+    assert [H.validation_domain(H.load_profile(p)) for p in ("cpu", "paper", "tiny")] == ["qwen", "llama2", None]
+    assert H.validation_domain(H.load_profile("cpu", {"max_new_tokens": 64})) is None
+    results = {("base", "none", None): rows(["I'm sorry, but I can't assist with that."] * 3 + [LIST_ANSWER])}
+    qwen = H.score_units(results, methods=["project"], domain="qwen").iloc[0]
+    tp, fn, fp, tn = judge_validation("project", "qwen")["counts"]
+    assert (qwen.judge_domain, qwen.judge_sensitivity, qwen.judge_specificity) == ("qwen", tp / (tp + fn), tn / (tn + fp))
+    fixed = H.corrected_rate_interval(int(qwen.refusals), int(qwen.n), (tp, tp + fn), (tn, tn + fp))
+    assert qwen.corrected_rate == fixed["rate"]
+    llama = H.score_units(results, methods=["project"], domain="llama2").iloc[0]
+    assert llama.judge_sensitivity != qwen.judge_sensitivity
+    none = H.score_units(results, methods=["project"], domain=None).iloc[0]
+    assert none.refusal_rate == qwen.refusal_rate and math.isnan(none.corrected_rate) and none.judge_domain == ""

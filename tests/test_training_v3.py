@@ -204,7 +204,7 @@ def test_sweep_trains_and_evaluates_end_to_end_on_tiny(tiny, tmp_path):
     for budget, arm, seed in S.points(sw):
         T.train_profile(prof, [arm], S.point_overrides(sw, budget), tmp_path / "sweep" / S.tag(budget if arm != "sft" else 0),
                         run=run, seeds=[seed], progress=False)
-    models = V.sweep_models(prof, sw)
+    models = V.sweep_models(sw)
     assert list(models) == ["base", "eps0/sft-s0", "eps0.5/at-s0", "eps0.5/lat-s0"]
     settings = V.SweepEvalSettings(n_harmful=4, n_harmless=4, tokens=3, attack_steps=1)
     tables = V.evaluate_sweep(prof, tmp_path / "eval", settings, run=run)

@@ -64,7 +64,7 @@ def sweep_prompts(settings: SweepEvalSettings) -> dict[str, list[str]]:
             "harmless": [harmless[i] for i in evenly_spaced(len(harmless), settings.n_harmless)]}
 
 
-def sweep_models(profile: Profile, sw: Sweep, budgets=None, seeds=None) -> dict[str, str | None]:
+def sweep_models(sw: Sweep, budgets=None, seeds=None) -> dict[str, str | None]:
     """{role: adapter folder (None: base)} of every trained point, roles named <tag>/<arm>-s<seed>
     (e.g. eps0.14/lat-s0; eps0/sft-s0); `budgets`/`seeds` narrow it."""
     from .sweep import points
@@ -360,7 +360,7 @@ def evaluate_sweep(profile: Profile, out: Path, settings: SweepEvalSettings = Sw
     out = Path(out)
     check_writable(out, publish, "scripts/evaluate_sweep.py")
     sw = sweep_of(profile)
-    models = sweep_models(profile, sw, budgets, seeds)
+    models = sweep_models(sw, budgets, seeds)
     for folder in models.values():
         if folder:
             verify(Path(folder))
