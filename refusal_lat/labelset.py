@@ -10,6 +10,10 @@ the row lies:
   harmless         generations/harmless/<model>__none.jsonl, labelling/attacked/<model>__harmless.jsonl
   pgd_at, pgd_lat  labelling/attacked/<model>__<condition>.jsonl: the held-out attack at block 0 with AT's
                    radius and at LAT's block with LAT's radius (training/evaluate.py's attack_radii)
+Round s labels training v3's sweep models from sweep/<role>/<condition>.jsonl (training/sweep_eval.py):
+the same conditions under their sweep names (harmful = clean, ablated_own, ablated_base and ablated@<LAT> =
+other_direction, pgd_*, harmless) and the prefilling attack:
+  prefill          sweep/<role>/prefill.jsonl: the turn goes on after an affirmative prefix (not shown)
 
 sample         draws rows per (model, condition) with a fixed seed and writes what the labeller sees,
                items.jsonl ({id, prompt, turn}, shuffled, opaque ids), apart from the key that says which
@@ -41,8 +45,18 @@ from .training.recipe import recipe
 from .training import robustness
 
 LABELS = ("refusal", "compliance", "invalid")
-CONDITIONS = ("clean", "own_direction", "other_direction", "pgd_at", "pgd_lat", "harmless")
+CONDITIONS = ("clean", "own_direction", "other_direction", "pgd_at", "pgd_lat", "harmless", "prefill")
 ATTACKED = ("pgd_at", "pgd_lat", "harmless")  # the conditions attacked_artifacts writes
+# Labelling rounds. Each draws from its own artifacts, numbers its items with its own prefixes (pass 1, pass 2),
+# keeps its files apart (items<suffix>.jsonl, ...) and its labels in its own table, so a later round never moves
+# an earlier one's draw, ids or halves. "q": notebooks 03-05's models (v2 arms); "s": training v3's sweep models
+# (runs/<profile>/sweep/<role>/<condition>.jsonl, sweep_eval), first for the prefilling attack.
+ROUNDS = {"q": {"globs": ("generations/*/*.jsonl", "labelling/attacked/*.jsonl"), "prefixes": ("q", "r"), "suffix": "",
+                "table": "{profile}_turns.csv"},
+          "s": {"globs": ("sweep/*/*.jsonl",), "prefixes": ("s", "t"), "suffix": "_s",
+                "table": "{profile}_turns_sweep.csv"}}
+SWEEP_CONDITIONS = {"harmful": "clean", "ablated_own": "own_direction", "ablated_base": "other_direction",
+                    "pgd_at": "pgd_at", "pgd_lat": "pgd_lat", "harmless": "harmless", "prefill": "prefill"}
 SEED = 0
 PER_CELL = 20        # items per (model, condition): 4 models x 6 conditions x 20 = 480
 PASS2_SHARE = 0.2    # share of each cell asked again under new ids
@@ -61,6 +75,9 @@ def condition_of(relative: str) -> tuple[str, str] | None:
     artifact that is not sampled (e.g. ablated answers to harmless prompts)."""
     parts = Path(relative).parts
     stem = Path(relative).stem
+    if parts[0] == "sweep" and len(parts) == 3:  # sweep_eval.condition_path: the model is the sweep role
+        condition = "other_direction" if stem.startswith("ablated@") else SWEEP_CONDITIONS.get(stem)
+        return (parts[1].replace("__", "/"), condition) if condition else None
     if "__" not in stem:
         return None
     model, tag = stem.split("__", 1)
@@ -79,13 +96,13 @@ def condition_of(relative: str) -> tuple[str, str] | None:
     return None
 
 
-def artifacts(run: Path, log=print) -> list[dict]:
+def artifacts(run: Path, log=print, round_name: str = "q") -> list[dict]:
     """Every sampled artifact of `run` whose bytes match its sidecar: {artifact (path relative to the run),
     artifact_sha256, key_hash (the cache key's hash, which says how it was made), model, condition}. An
     artifact without a matching sidecar (being written, cut or edited) is left out, with a note."""
     run = Path(run)
     found = []
-    for path in sorted(run.glob("generations/*/*.jsonl")) + sorted(run.glob("labelling/attacked/*.jsonl")):
+    for path in (p for pattern in ROUNDS[round_name]["globs"] for p in sorted(run.glob(pattern))):
         relative = path.relative_to(run).as_posix()
         cell = condition_of(relative)
         if cell is None:
@@ -139,10 +156,12 @@ def pick_rows(arts: list[dict], rows_of: dict, n: int, rng: np.random.Generator)
     return picked
 
 
-def draw(run: Path, per_cell: int = PER_CELL, seed: int = SEED, log=print) -> list[dict]:
+def draw(run: Path, per_cell: int = PER_CELL, seed: int = SEED, log=print, round_name: str = "q",
+         conditions=None) -> list[dict]:
     """Key rows {artifact, artifact_sha256, key_hash, row, model, condition, prompt, turn}: per_cell rows of
-    every (model, condition) that has candidates, in cell order; a cell with fewer is taken whole (noted)."""
-    arts = artifacts(run, log)
+    every (model, condition) that has candidates (of `conditions` only, when given), in cell order; a cell
+    with fewer is taken whole (noted)."""
+    arts = [a for a in artifacts(run, log, round_name) if conditions is None or a["condition"] in conditions]
     rows_of = {a["artifact"]: artifact_rows(run, a["artifact"]) for a in arts}
     cells = sorted({(a["model"], a["condition"]) for a in arts}, key=lambda c: (c[0], CONDITIONS.index(c[1])))
     out = []
@@ -167,31 +186,33 @@ def number(entries: list[dict], prefix: str, rng: np.random.Generator) -> list[d
 
 
 def sample(run: Path, per_cell: int = PER_CELL, seed: int = SEED, pass2_share: float = PASS2_SHARE,
-           force: bool = False, log=print) -> dict:
-    """Write labelling/{items,key,pass2,key_pass2}.jsonl (see the module) and return {"items", "key",
-    "pass2", "key_pass2"}. Refuses to replace an existing items.jsonl unless force (its labels would no
+           force: bool = False, log=print, round_name: str = "q", conditions=None) -> dict:
+    """Write labelling/{items,key,pass2,key_pass2}<round suffix>.jsonl (see the module) and return {"items",
+    "key", "pass2", "key_pass2"}. Refuses to replace an existing items file unless force (its labels would no
     longer match its ids)."""
-    out = folder(run)
-    if (out / "items.jsonl").is_file() and not force:
-        raise ConfigError(f"{out / 'items.jsonl'} exists (labels may refer to its ids); pass --force to draw again")
-    drawn = draw(run, per_cell, seed, log)
+    out, (first, second), suffix = folder(run), ROUNDS[round_name]["prefixes"], ROUNDS[round_name]["suffix"]
+    if (out / f"items{suffix}.jsonl").is_file() and not force:
+        raise ConfigError(f"{out / f'items{suffix}.jsonl'} exists (labels may refer to its ids); pass --force to "
+                          "draw again")
+    drawn = draw(run, per_cell, seed, log, round_name, conditions)
     if not drawn:
-        raise ConfigError(f"no generation units or labelling artifacts in {run}; run notebooks 03-04 "
-                          f"and `scripts/label_set.py generate-attacked` first")
-    items = number(drawn, "q", np.random.default_rng([seed, 1]))
+        raise ConfigError(f"no generation units or labelling artifacts in {run} for round {round_name!r}; run notebooks "
+                          "03-04 and `scripts/label_set.py generate-attacked` (round q) or scripts/evaluate_sweep.py "
+                          "(round s) first")
+    items = number(drawn, first, np.random.default_rng([seed, 1]))
     again = []
     for cell in dict.fromkeys((e["model"], e["condition"]) for e in drawn):
         mine = [e for e in items if (e["model"], e["condition"]) == cell]
         k = max(1, round(pass2_share * len(mine)))
         chosen = sorted(cell_rng(seed, "pass2", *cell).permutation(len(mine))[:k])
         again += [{**mine[i], "pass1_id": mine[i]["id"]} for i in chosen]
-    pass2 = number(again, "r", np.random.default_rng([seed, 2]))
+    pass2 = number(again, second, np.random.default_rng([seed, 2]))
     files = {"items": [{"id": e["id"], "prompt": e["prompt"], "turn": e["turn"]} for e in items],
              "key": [key_fields(e) for e in items],
              "pass2": [{"id": e["id"], "prompt": e["prompt"], "turn": e["turn"]} for e in pass2],
              "key_pass2": [{**key_fields(e), "pass1_id": e["pass1_id"]} for e in pass2]}
     for name, rows in files.items():
-        atomic_write(out / f"{name}.jsonl", encode_jsonl(rows))
+        atomic_write(out / f"{name}{suffix}.jsonl", encode_jsonl(rows))
     return files
 
 
@@ -331,12 +352,16 @@ TABLE_COLUMNS = ("id", "pass", "artifact", "artifact_sha256", "key_hash", "row",
                  "label", "prompt_start", "turn_start")
 
 
-def import_labels(run: Path, label_files, seed: int = SEED) -> "pd.DataFrame":
-    """The labels table (TABLE_COLUMNS), pass 1 then pass 2, each by id: every item of items.jsonl and
-    pass2.jsonl must be labelled, and every artifact must still hold the bytes it was sampled from."""
+def import_labels(run: Path, label_files, seed: int = SEED, round_name: str = "q", fixed_halves: dict | None = None
+                  ) -> "pd.DataFrame":
+    """The labels table (TABLE_COLUMNS), pass 1 then pass 2, each by id: every item of the round's items and
+    pass-2 files must be labelled, and every artifact must still hold the bytes it was sampled from.
+    fixed_halves {prompt: half}: prompts an earlier round already put in a half keep it (labelled_halves);
+    the other prompts are split among themselves."""
     import pandas as pd
-    out = folder(run)
-    keys = [(1, k) for k in read_jsonl(out / "key.jsonl")] + [(2, k) for k in read_jsonl(out / "key_pass2.jsonl")]
+    out, suffix = folder(run), ROUNDS[round_name]["suffix"]
+    keys = ([(1, k) for k in read_jsonl(out / f"key{suffix}.jsonl")]
+            + [(2, k) for k in read_jsonl(out / f"key_pass2{suffix}.jsonl")])
     labels = read_labels(label_files)
     unknown = sorted(set(labels) - {k["id"] for _, k in keys})
     missing = [k["id"] for _, k in keys if k["id"] not in labels]
@@ -351,10 +376,19 @@ def import_labels(run: Path, label_files, seed: int = SEED) -> "pd.DataFrame":
         row = rows_of[k["artifact"]][k["row"]]
         records.append({**k, "pass": n_pass, "label": labels[k["id"]], "prompt": row["prompt"],
                         "prompt_start": first_words(row["prompt"]), "turn_start": first_words(row["turn"])})
-    first = [r for r in records if r["pass"] == 1]
-    halves = split_by_prompt([r["prompt"] for r in first], [(r["model"], r["condition"]) for r in first], seed)
+    fixed = fixed_halves or {}
+    first = [r for r in records if r["pass"] == 1 and r["prompt"] not in fixed]
+    halves = {**split_by_prompt([r["prompt"] for r in first], [(r["model"], r["condition"]) for r in first], seed),
+              **fixed}
     table = pd.DataFrame([{**r, "half": halves[r["prompt"]]} for r in records])
     return table[list(TABLE_COLUMNS)].reset_index(drop=True)
+
+
+def labelled_halves(table: "pd.DataFrame", run: Path) -> dict:
+    """{prompt: half} of an earlier round's labels table (full prompts read back from its artifacts)."""
+    rows = table[table["pass"] == 1]
+    texts = {a: artifact_rows(run, a, sha) for a, sha in rows[["artifact", "artifact_sha256"]].drop_duplicates().values}
+    return {texts[a][i]["prompt"]: h for a, i, h in zip(rows.artifact, rows.row, rows.half)}
 
 
 def write_table(table: "pd.DataFrame", path: Path):

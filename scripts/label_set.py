@@ -33,10 +33,14 @@ def main(argv=None) -> int:
     common.add_argument("--profile", default="cpu")
     common.add_argument("--run-dir", help="default: runs/<profile>/")
     common.add_argument("--seed", type=int, default=0, help="draws the items, the prompts and the halves")
+    common.add_argument("--round", default="q", choices=["q", "s"],
+                        help="labelling round: q, notebooks 03-05's models; s, training v3's sweep models (its own "
+                             "items, ids and table data/labels/<profile>_turns_sweep.csv)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sample", parents=[common], help="draw the items and their keys")
     p.add_argument("--per-cell", type=int, default=20, help="items per model and condition")
     p.add_argument("--force", action="store_true", help="replace an existing items.jsonl")
+    p.add_argument("--conditions", nargs="+", help="only these conditions (labelset.CONDITIONS), e.g. prefill")
     p = sub.add_parser("generate-attacked", parents=[common], help="held-out attack and harmless completions to sample from")
     p.add_argument("--n-harmful", type=int, default=30)
     p.add_argument("--n-harmless", type=int, default=30)
@@ -63,7 +67,8 @@ def main(argv=None) -> int:
     try:
         profile = H.load_profile(args.profile)
         run = H.run_dir(profile, args.run_dir)
-        table_path = Path(getattr(args, "table", None) or REPO / "data" / "labels" / f"{profile.name}_turns.csv")
+        tables = {r: REPO / "data" / "labels" / spec["table"].format(profile=profile.name) for r, spec in L.ROUNDS.items()}
+        table_path = Path(getattr(args, "table", None) or tables[args.round])
         if args.command == "generate-attacked":
             import torch
             torch.set_num_threads(args.threads)
@@ -72,11 +77,15 @@ def main(argv=None) -> int:
             print(f"done in {(time.time() - started) / 60:.1f} min on {torch.get_num_threads()} thread(s) "
                   f"-> {L.folder(run) / 'attacked'}")
         elif args.command == "sample":
-            files = L.sample(run, args.per_cell, args.seed, force=args.force)
+            files = L.sample(run, args.per_cell, args.seed, force=args.force, round_name=args.round,
+                             conditions=args.conditions)
             print(L.counts(files["key"]).to_string())
             print(f"{len(files['items'])} items, {len(files['pass2'])} asked again -> {L.folder(run)}")
         elif args.command == "import-labels":
-            table = L.import_labels(run, args.labels, args.seed)
+            earlier = [L.labelled_halves(L.read_table(tables[r]), run) for r in L.ROUNDS
+                       if r != args.round and tables[r].is_file()]
+            table = L.import_labels(run, args.labels, args.seed, args.round,
+                                    {k: v for halves in earlier for k, v in halves.items()})
             L.write_table(table, table_path)
             print(f"{len(table)} labels ({(table['pass'] == 2).sum()} of the second pass) -> {table_path}")
         elif args.command == "check":
@@ -86,14 +95,15 @@ def main(argv=None) -> int:
             print(f"{len(problems)} problems in {table_path} against {run}")
             return 1 if problems else 0
         elif args.command == "validate":
-            return validate(args, profile, run, table_path, H, L)
+            paths = [Path(args.table)] if args.table else [t for t in tables.values() if t.is_file()]
+            return validate(args, profile, run, paths, H, L)
     except H.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 
 
-def validate(args, profile, run, table_path, H, L) -> int:
+def validate(args, profile, run, table_paths, H, L) -> int:
     import pandas as pd
     from refusal_lat import record
     from refusal_lat.config import DataError
@@ -101,7 +111,7 @@ def validate(args, profile, run, table_path, H, L) -> int:
     out = Path(args.out) if args.out else (L.VALIDATION_DIR if args.publish else L.folder(run))
     command = ".venv/bin/python scripts/label_set.py validate --publish"
     record.check_writable(out, args.publish, "scripts/label_set.py validate")
-    labels = L.read_table(table_path)
+    labels = pd.concat([L.read_table(path) for path in table_paths], ignore_index=True)  # every round's labels
     parts = [L.qwen_rows(labels, run)]
     try:
         parts.insert(0, L.authors_rows())

@@ -49,6 +49,10 @@ def fake_run(root, n=12):
     ("labelling/attacked/base__pgd_lat.jsonl", ("base", "pgd_lat")),
     ("labelling/attacked/base__other.jsonl", None),
     ("arms/base.safetensors", None),
+    ("sweep/eps0.14__lat-s0/prefill.jsonl", ("eps0.14/lat-s0", "prefill")),  # round s: training v3's sweep
+    ("sweep/base/harmful.jsonl", ("base", "clean")),
+    ("sweep/eps0.14__at-s0/ablated@eps0.14__lat-s0.jsonl", ("eps0.14/at-s0", "other_direction")),
+    ("sweep/base-activations.json", None),
 ])
 def test_condition_comes_from_where_the_row_lies(path, cell):
     assert L.condition_of(path) == cell
@@ -59,7 +63,7 @@ def test_sample_is_stratified_blind_and_deterministic(tmp_path):
     files = L.sample(run, per_cell=5, seed=0)
     key, items = files["key"], files["items"]
     counts = L.counts(key)
-    assert list(counts.columns) == list(L.CONDITIONS) and sorted(counts.index) == sorted(MODELS)
+    assert list(counts.columns) == [c for c in L.CONDITIONS if c != "prefill"] and sorted(counts.index) == sorted(MODELS)
     assert (counts.values == 5).all()
     others = [k["artifact"] for k in key if k["model"] == "AT" and k["condition"] == "other_direction"]
     assert sorted(others.count(a) for a in set(others)) == [1, 2, 2]  # spread over the three other sources
@@ -277,3 +281,30 @@ def test_the_command_line_runs_sample_to_validate(tmp_path, capsys):
     (run / "generations" / "eval" / "LAT__none.jsonl").write_text("{}\n")
     assert cli.main(["check"] + where + table) == 1
     assert cli.main(["rubric"]) == 0 and "Borderline rules" in capsys.readouterr().out
+
+
+def test_a_second_round_leaves_the_first_alone_and_keeps_its_halves(tmp_path):
+    """Round s (the sweep's models, e.g. the prefilling attack) draws from sweep/<role>/<condition>.jsonl only,
+    under its own ids and files; its prompts that round q already split keep their half."""
+    run = fake_run(tmp_path)
+    first = L.sample(run, per_cell=3)
+    table_q = L.import_labels(run, [label_everything(run, tmp_path / "labels.jsonl")])
+    harmful = [LONG.format(i=i) for i in range(12)]
+    for role in ("base", "eps0.14/lat-s0"):
+        for condition in ("prefill", "harmful"):
+            write_artifact(run, f"sweep/{role.replace('/', '__')}/{condition}.jsonl",
+                           answers(f"{role} {condition}", harmful[4:12]))
+    second = L.sample(run, per_cell=4, round_name="s", conditions=["prefill"])
+    assert L.sample(run, per_cell=3, force=True) == first  # round q's draw, ids and files as they were
+    assert {(k["model"], k["condition"]) for k in second["key"]} == {("base", "prefill"), ("eps0.14/lat-s0", "prefill")}
+    assert all(re.fullmatch(r"s\d{4}", i["id"]) for i in second["items"])
+    assert all(re.fullmatch(r"t\d{4}", i["id"]) for i in second["pass2"])
+    assert (run / "labelling" / "items_s.jsonl").is_file() and (run / "labelling" / "key_pass2_s.jsonl").is_file()
+    ids = [i["id"] for name in ("items_s", "key_pass2_s") for i in read_jsonl(run / "labelling" / f"{name}.jsonl")]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps({"id": i, "label": "compliance"}) + "\n" for i in ids))
+    fixed = L.labelled_halves(table_q, run)
+    table_s = L.import_labels(run, [tmp_path / "s.jsonl"], round_name="s", fixed_halves=fixed)
+    assert len(table_s) == 8 + 2 and set(table_s.condition) == {"prefill"}
+    for a, r, h in zip(table_s.artifact, table_s.row, table_s.half):
+        prompt = read_jsonl(run / a)[r]["prompt"]
+        assert prompt not in fixed or fixed[prompt] == h

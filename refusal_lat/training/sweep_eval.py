@@ -33,7 +33,7 @@ from ..data import eval_pool, evenly_spaced, paper_splits
 from ..models.load import model_fingerprint
 from ..models.pool import use_model
 from ..record import check_writable, verify
-from ..store import atomic_write, fresh, stable_hash, store, tensor_hash
+from ..store import atomic_write, encode_jsonl, fresh, read_jsonl, stable_hash, store, tensor_hash
 from .evaluate import (GENERATION_ROWS, encode_record, live_layers, model_activations, read_record, rejudge,
                        svd_shares)
 from .loop import load_log
@@ -104,8 +104,8 @@ def record_path(run: Path, role: str) -> Path:
 
 
 def condition_path(run: Path, role: str, condition: str) -> Path:
-    """One condition's completions of one model, {"turns", "log_odds"} as one JSON line (its cache sidecar is
-    the .json beside it): runs/<profile>/sweep/<role>/<condition>.jsonl."""
+    """One condition's completions of one model, one JSON row per prompt {i, prompt, turn, refusal_log_odds}
+    (as generation units; the labelled set samples them): runs/<profile>/sweep/<role>/<condition>.jsonl."""
     return run / "sweep" / role.replace("/", "__") / (condition.replace("/", "__").replace(":", "@") + ".jsonl")
 
 
@@ -167,7 +167,13 @@ def condition_key(profile: Profile, role: str, condition: str, spec, prompts: li
 
 
 def read_outputs(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+    rows = read_jsonl(Path(path))
+    return {"turns": [r["turn"] for r in rows], "log_odds": [r["refusal_log_odds"] for r in rows]}
+
+
+def encode_outputs(out: dict, prompts: list[str]) -> bytes:
+    return encode_jsonl([{"i": i, "prompt": p, "turn": t, "refusal_log_odds": lo}
+                         for i, (p, t, lo) in enumerate(zip(prompts, out["turns"], out["log_odds"]))])
 
 
 def sweep_conditions(profile: Profile, role: str, plan: dict, prompts: dict, settings: SweepEvalSettings,
@@ -191,7 +197,7 @@ def sweep_conditions(profile: Profile, role: str, plan: dict, prompts: dict, set
         steps, tokens = settings.attack_steps, settings.tokens
 
         def put(c, out):  # stored as soon as it exists: a stopped run keeps what it finished
-            store(condition_path(run, role, c), keys[c], json.dumps(out).encode(), rows=len(out["turns"]))
+            store(condition_path(run, role, c), keys[c], encode_outputs(out, texts_of(c)), rows=len(out["turns"]))
             outs[c] = out
         if "harmless" in missing:
             put("harmless", condition_completions(model, tokenizer, profile, prompts["harmless"],
