@@ -4,7 +4,6 @@ the sweep's points and folders, and recipes that predate v3's keys still recogni
 import dataclasses
 import json
 import math
-import subprocess
 import sys
 
 import pytest
@@ -125,11 +124,15 @@ def test_sweep_points_folders_and_overrides(tiny):
         S.sweep_of(dataclasses.replace(tiny, sweep={**tiny.sweep, "chosen": 0.7}))
 
 
-def test_unknown_budget_is_one_line_naming_the_points():
-    out = subprocess.run([sys.executable, "scripts/train_adapters.py", "--profile", "tiny", "--budget", "0.7",
-                          "--arms", "lat"], capture_output=True, text=True, cwd=H.REPO)
-    assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and "[0, 0.05, 0.5]" in out.stderr
+def test_unknown_budget_is_one_line_naming_the_points(monkeypatch, capsys):
+    import importlib.util  # the script's main in this process (a subprocess imports torch again, ~5 s)
+    spec = importlib.util.spec_from_file_location("train_adapters", H.REPO / "scripts" / "train_adapters.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(sys, "argv", ["train_adapters.py", "--profile", "tiny", "--budget", "0.7", "--arms", "lat"])
+    assert script.main() == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "[0, 0.05, 0.5]" in err
 
 
 def test_logs_that_predate_v3_keys_still_match_their_recipe(tiny):
