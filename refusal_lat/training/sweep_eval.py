@@ -34,7 +34,7 @@ from ..models.load import model_fingerprint
 from ..models.pool import use_model
 from ..record import check_writable, verify
 from ..store import atomic_write, encode_jsonl, fresh, read_jsonl, stable_hash, store, tensor_hash
-from .evaluate import (GENERATION_ROWS, encode_record, live_layers, model_activations, read_record, rejudge,
+from .evaluate import (GENERATION_ROWS, encode_record, live_layers, model_activations, read_record,
                        svd_shares)
 from .loop import load_log
 from .recipe import arm_epsilon_value, recipe
