@@ -267,7 +267,11 @@ def test_sweep_evaluation_of_one_adapter_on_tiny(tiny, tmp_path, monkeypatch):
     assert {f"rate_{c}" for c in V.CONDITIONS} <= set(dose.columns) and "comp2_minus_base" in dose
     claims = V.sweep_claims(tables, tiny.layer, n_boot=200)
     assert list(zip(claims.claim, claims.reference)) == [("C1", "base"), ("C2", "base"), ("C3a", "base"), ("C3b", "base")]
-    assert claims.verdict.notna().all()
+    assert claims.verdict.notna().all() and "corrected_estimate" not in claims
+    corrected = V.sweep_claims(tables, tiny.layer, n_boot=200, domain="qwen")  # the Qwen judge validation's error
+    rates = corrected[corrected.claim != "C1"]
+    assert rates.corrected_verdict.notna().all() and (rates.corrected_lo <= rates.corrected_hi).all()
+    assert corrected[corrected.claim == "C1"].corrected_estimate.isna().all()
     acts = V.evaluate_sweep(prof, tmp_path / "acts", settings, run=run, generate=False)  # mechanism and SVD only
     assert acts["labels"].empty and acts["rates"].empty and acts["over_refusal"].empty
     pd.testing.assert_frame_equal(acts["mechanism"], tables["mechanism"])

@@ -468,16 +468,21 @@ def dose_response(tables: dict, layer: int, lat_layer: int, k: float = 5.0, judg
     return pd.DataFrame(rows).sort_values(["arm", "budget", "seed"], na_position="first").reset_index(drop=True)
 
 
-def sweep_claims(tables: dict, layer: int, judge: str = "project", n_boot: int = 2000) -> "pd.DataFrame":
+def sweep_claims(tables: dict, layer: int, judge: str = "project", n_boot: int = 2000,
+                 domain: str | None = None) -> "pd.DataFrame":
     """The claims table's tests (claims.verdict, the paper's value beside each) at every LAT budget: C1 as the
     second component's share LAT - SFT / base / AT (same budget); C3a as LAT under the base model's direction
     minus base under its own; C3b as LAT under its own direction minus base / AT (same budget) under theirs.
     C2 as base / AT (same budget) under LAT's direction minus under their own. Rates in percentage points,
-    paired by prompt; a comparison whose conditions were not run is left out."""
+    paired by prompt; a comparison whose conditions were not run is left out. domain ("qwen" on cpu:
+    stats.validation_domain): the rate rows also carry the difference of Rogan-Gladen corrected rates with an
+    interval that carries the judge's held-out error (claims.judge_validation, stats.corrected_difference)
+    and its verdict; None: those columns are NaN."""
     import pandas as pd
-    from ..claims import EXPECT, paper_difference, verdict
+    from ..claims import EXPECT, judge_corrected, judge_validation, paper_difference, verdict
     from ..stats import hierarchical_bootstrap
     labels, second = tables["labels"], tables["second_component"]
+    validation = judge_validation(judge, domain) if domain else None
     rows = []
     for model in [m for m in tables["mechanism"].model.unique() if arm_of(m) == "lat"]:
         cols = role_columns(model)
@@ -500,12 +505,18 @@ def sweep_claims(tables: dict, layer: int, judge: str = "project", n_boot: int =
             ran = set(zip(labels.model, labels.condition)) if len(labels) else set()
             if (a, ca) not in ran or (b, cb) not in ran:
                 continue
-            h = hierarchical_bootstrap(per_prompt(labels, a, ca, judge)[None], per_prompt(labels, b, cb, judge)[None],
-                                       n_boot=n_boot)
+            x, y = per_prompt(labels, a, ca, judge), per_prompt(labels, b, cb, judge)
+            h = hierarchical_bootstrap(x[None], y[None], n_boot=n_boot)
             paper = paper_difference(claim, "LAT", name)
-            rows.append({**cols, "claim": claim, "reference": name, "estimate": 100 * h["difference"],
-                         "lo": 100 * h["lo"], "hi": 100 * h["hi"], "paper": paper,
-                         "verdict": verdict(100 * h["lo"], 100 * h["hi"], EXPECT[claim], paper)})
+            row = {**cols, "claim": claim, "reference": name, "estimate": 100 * h["difference"],
+                   "lo": 100 * h["lo"], "hi": 100 * h["hi"], "paper": paper,
+                   "verdict": verdict(100 * h["lo"], 100 * h["hi"], EXPECT[claim], paper)}
+            if validation is not None:
+                c = judge_corrected(x, y, validation, 100.0, n_boot, 0)
+                row.update({"corrected_estimate": c["estimate"], "corrected_lo": c["lo"], "corrected_hi": c["hi"],
+                            "corrected_verdict": verdict(c["lo"], c["hi"], EXPECT[claim], paper),
+                            "judge_validation": c["judge_validation"]})
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
