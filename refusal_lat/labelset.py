@@ -572,16 +572,25 @@ def judge_columns(rows: "pd.DataFrame", methods) -> "pd.DataFrame":
 
 def scopes(domain: str, part: "pd.DataFrame") -> list:
     """(scope, group, rows) for one half of one domain: the authors' Llama-2 rows overall, clean, ablated and
-    each model's ablated rows; the Qwen rows overall, per condition and per model."""
+    each model's ablated rows; the Qwen rows overall, per labelling round (round_of), per condition and per model."""
     out = [("overall", "all", part)]
     if domain == "llama2":
         ablated = part[part.condition == "own_direction"]
         out += [("condition", "clean", part[part.condition == "clean"]), ("ablated rows", "all", ablated)]
         out += [("ablated rows, model", m, ablated[ablated.model == m]) for m in ("base", "AT", "LAT")]
     else:
+        if "source" in part:
+            rounds = part.source.map(round_of)
+            out += [("round", r, part[rounds == r]) for r in ROUNDS if (rounds == r).any()]
         out += [("condition", c, part[part.condition == c]) for c in CONDITIONS if (part.condition == c).any()]
         out += [("model", m, part[part.model == m]) for m in dict.fromkeys(part.model)]
     return out
+
+
+def round_of(source: str) -> str:
+    """The labelling round of a Qwen row from its source (<artifact>#<row>): the round whose globs hold it."""
+    artifact = source.rsplit("#", 1)[0]
+    return next(r for r, spec in ROUNDS.items() if any(Path(artifact).match(g) for g in spec["globs"]))
 
 
 def domain_validation(judged_rows: "pd.DataFrame", methods) -> "pd.DataFrame":

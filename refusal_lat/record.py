@@ -100,12 +100,13 @@ def remake_command(folder: Path) -> str:
         arm, _, seed = parts[-1].rpartition("-s")
         budget = parts[-2][3:] if len(parts) > 3 and parts[-2].startswith("eps") else None  # a sweep point
         if parts[-1] == "eval" and any(f.name.startswith("eps") for f in Path(folder).parent.glob("eps*")):
-            try:  # tables of the activations only (sweep_eval.evaluate_sweep(generate=False)) say so
-                only = json.loads((Path(folder) / "manifest.json").read_text()).get("generated") is False
+            try:  # tables of the activations only or without the attacks (evaluate_sweep(generate, attacks)) say so
+                manifest = json.loads((Path(folder) / "manifest.json").read_text())
             except (OSError, ValueError):
-                only = False
-            return (f".venv/bin/python scripts/evaluate_sweep.py --profile {parts[1]} --threads 1"
-                    f"{' --activations-only' if only else ''} --publish")
+                manifest = {}
+            flag = (" --activations-only" if manifest.get("generated") is False else
+                    " --no-attacks" if manifest.get("attacks") is False else "")
+            return f".venv/bin/python scripts/evaluate_sweep.py --profile {parts[1]} --threads 1{flag} --publish"
         if parts[-1] == "eval":
             return f".venv/bin/python scripts/evaluate_arms.py --profile {parts[1]} --publish"
         if arm and seed.isdigit() and budget is not None:

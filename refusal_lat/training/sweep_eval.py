@@ -393,7 +393,7 @@ def evaluate_sweep(profile: Profile, out: Path, settings: SweepEvalSettings = Sw
                 "prompts": stable_hash(prompts), "gen_dtype": prof.gen_dtype, "layer": profile.layer,
                 "adapters": {role: sha256_file(Path(folder) / "adapter_model.safetensors")
                              for role, folder in models.items() if folder},
-                "threads": torch.get_num_threads(), "judge": fingerprint("project"), "generated": generate,
+                "threads": torch.get_num_threads(), "judge": fingerprint("project"), "generated": generate, "attacks": generate and attacks,
                 "conditions": {role: list(r["conditions"]) for role, r in records.items()}}
     atomic_write(out / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
     return tables
