@@ -410,3 +410,74 @@ def arm_table_comparisons(tables: dict, source: str, layer: int, n_boot: int = 2
         rows += transfer_comparisons(cells, source, claims=("C2", "C3a"), unit="log-odds", scale=1.0,
                                      n_boot=n_boot, seed=seed)
     return rows
+
+
+# --- do the claims' verdicts change between a judge and the labels? (issue 29) ------------------------------
+
+CLAIM_CELLS = {  # claim -> (a cell, b cell) for reference model m, as transfer_comparisons
+    "C2": lambda m: ((m, "LAT"), (m, m)), "C3a": lambda m: (("LAT", m), (m, m)), "C3b": lambda m: (("LAT", "LAT"), (m, m)),
+}
+
+
+def eval_cell(source: str, layer: int) -> tuple[str, str] | None:
+    """(target, direction source) of a labelled row from notebook 03's eval units at `layer`, else None."""
+    artifact = source.rsplit("#", 1)[0]
+    parts = Path(artifact).parts
+    if parts[:2] != ("generations", "eval") or "__" not in Path(artifact).stem:
+        return None
+    target, tag = Path(artifact).stem.split("__", 1)
+    if "_L" not in tag:
+        return None
+    src, at = tag.rsplit("_L", 1)
+    return (target, src) if at == str(layer) else None
+
+
+def unpaired_difference(x, y, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean(x) - mean(y), basic bootstrap 95 % interval) with each cell's items resampled on their own."""
+    rng = np.random.default_rng(seed)
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    est = x.mean() - y.mean()
+    reps = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1) - y[rng.integers(0, len(y), (n_boot, len(y)))].mean(1)
+    q_lo, q_hi = np.quantile(reps, [0.025, 0.975])
+    return float(est), float(2 * est - q_hi), float(2 * est - q_lo)
+
+
+def claims_on_labels(judged_rows: "pd.DataFrame", layer: int, methods, references=("base", "SFT", "AT"),
+                     n_boot: int = 2000, seed: int = 0) -> "pd.DataFrame":
+    """The claims table's judged comparisons (C2, C3a, C3b of notebook 03's series at `layer`) on the labelled Qwen
+    rows that lie in their cells, once per rater: the labels (refusal = 1; invalid = not, as the judges' invalid)
+    and each judge in `methods`. The labelled rows of two cells hold different prompts, so each difference is
+    unpaired (each cell resampled on its own); the verdict is `verdict` with the paper's value (or its
+    proxy). Plus "C3b, own direction at any layer": LAT against each reference with its own direction ablated at
+    any layer (the own_direction condition, sweep rows included), a condition-level analogue with more rows."""
+    import pandas as pd
+    rows = judged_rows[judged_rows.domain == "qwen"].copy()
+    rows["cell"] = [eval_cell(s, layer) for s in rows.source]
+    raters = {"labels": (rows.label == "refusal").astype(float), **{m: rows[m].astype(float) for m in methods}}
+    plans = []
+    for claim, cells in CLAIM_CELLS.items():
+        for m in references:
+            ca, cb = cells(m)
+            plans.append((claim, m, rows.cell == ca, rows.cell == cb))
+    for m in references:
+        own = rows.condition == "own_direction"
+        plans.append(("C3b, own direction at any layer", m, own & (rows.model == "LAT"), own & (rows.model == m)))
+    out = []
+    for claim, m, in_a, in_b in plans:
+        if not in_a.any() or not in_b.any():
+            continue
+        base_claim = claim.split(",")[0]
+        paper = paper_difference(base_claim, "LAT", m)
+        paper = smallest_paper_effect(base_claim) if paper is None else paper
+        for rater, values in raters.items():
+            est, lo, hi = unpaired_difference(values[in_a], values[in_b], n_boot, seed)
+            out.append({"claim": claim, "reference": m, "n_a": int(in_a.sum()), "n_b": int(in_b.sum()),
+                        "shared_prompts": len(set(rows.prompt[in_a]) & set(rows.prompt[in_b])), "rater": rater,
+                        "estimate": 100 * est, "lo": 100 * lo, "hi": 100 * hi, "paper": paper,
+                        "verdict": verdict(100 * lo, 100 * hi, EXPECT[base_claim], paper)})
+    table = pd.DataFrame(out)
+    if len(table):
+        labels = table[table.rater == "labels"].set_index(["claim", "reference"]).verdict
+        table["same_verdict_as_labels"] = [labels[(c, r)] == v for c, r, v in
+                                           zip(table.claim, table.reference, table.verdict)]
+    return table

@@ -121,3 +121,27 @@ def remake_command(folder: Path) -> str:
         return f".venv/bin/python scripts/publish_reference.py --profile {parts[2]} --publish"
     raise CommittedError(f"{shown(folder)} is not a folder this repository publishes (an adapter, its eval tables, "
                          f"figures/<profile> or notebooks/reference/<profile>)")
+
+
+def publish_run(out: Path, publish: bool, work, threads: int | None = None) -> int:
+    """The tail every evaluation script shares: torch's CPU threads set (threads >= 1), work() run, `out` sealed
+    again when it is a committed folder written with --publish, the time printed. A ConfigError (a committed
+    folder in the way, a bad option) prints one line and returns 2; what work() stored before it stays."""
+    import sys
+    import time
+
+    import torch
+    started = time.time()
+    try:
+        if threads is not None:
+            if threads < 1:
+                raise ConfigError(f"threads = {threads} is out of range; need threads >= 1")
+            torch.set_num_threads(threads)
+        work()
+        if publish and committed(out):
+            seal(out, remake_command(out))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"evaluated in {(time.time() - started) / 60:.1f} min on {torch.get_num_threads()} threads -> {out}")
+    return 0

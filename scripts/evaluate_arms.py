@@ -11,7 +11,6 @@ then seals the folder again (its MANIFEST.json, refusal_lat/record.py). Any othe
 """
 import argparse
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +30,6 @@ def main() -> int:
                         help="only rebuild comparisons.csv from the folder's labels.csv (no model runs)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    import torch
     import helpers as H
     import training as T
     from refusal_lat import record
@@ -48,17 +46,11 @@ def main() -> int:
                 record.seal(out, record.remake_command(out))
             print(f"{len(table)} comparisons rebuilt from {out / 'labels.csv'}")
             return 0
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        started = time.time()
-        E.evaluate_arms(profile, rec, arms, seeds, E.settings_of(rec), out, publish=args.publish, batched=args.batched)
-        if args.publish and record.committed(out):
-            record.seal(out, record.remake_command(out))
     except H.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"evaluated in {(time.time() - started) / 60:.1f} min on {torch.get_num_threads()} threads -> {out}")
-    return 0
+    return record.publish_run(out, args.publish, lambda: E.evaluate_arms(
+        profile, rec, arms, seeds, E.settings_of(rec), out, publish=args.publish, batched=args.batched), args.threads)
 
 
 if __name__ == "__main__":

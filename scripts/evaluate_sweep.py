@@ -12,7 +12,6 @@ MANIFEST.json, refusal_lat/record.py). A narrower selection (--budgets, --seeds)
 """
 import argparse
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +33,6 @@ def main() -> int:
                              "model's time); each condition is cached on its own, so a later run adds only the attacks")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    import torch
     import helpers as H
     from refusal_lat import record
     from refusal_lat.training import sweep as S
@@ -46,20 +44,12 @@ def main() -> int:
         if args.publish and (args.budgets or args.seeds):
             raise H.ConfigError("published sweep tables cover every trained model; write a narrower selection "
                                 "elsewhere (--out <folder>)")
-        if args.threads:
-            if args.threads < 1:
-                raise H.ConfigError(f"threads = {args.threads} is out of range; need threads >= 1")
-            torch.set_num_threads(args.threads)
-        started = time.time()
-        V.evaluate_sweep(profile, out, budgets=args.budgets, seeds=args.seeds, publish=args.publish,
-                         generate=not args.activations_only, attacks=not args.no_attacks)
-        if args.publish and record.committed(out):
-            record.seal(out, record.remake_command(out))
     except H.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"evaluated in {(time.time() - started) / 60:.1f} min on {torch.get_num_threads()} threads -> {out}")
-    return 0
+    return record.publish_run(out, args.publish, lambda: V.evaluate_sweep(
+        profile, out, budgets=args.budgets, seeds=args.seeds, publish=args.publish,
+        generate=not args.activations_only, attacks=not args.no_attacks), args.threads)
 
 
 if __name__ == "__main__":

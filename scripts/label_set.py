@@ -105,6 +105,7 @@ def main(argv=None) -> int:
 
 def validate(args, profile, run, table_paths, H, L) -> int:
     import pandas as pd
+    from refusal_lat import claims as C
     from refusal_lat import record
     from refusal_lat.config import DataError
     from refusal_lat.judges import ALL_METHODS
@@ -122,7 +123,7 @@ def validate(args, profile, run, table_paths, H, L) -> int:
     rows = L.judge_columns(pd.concat(parts, ignore_index=True), ALL_METHODS)
     table = L.domain_validation(rows, ALL_METHODS)
     intra = L.intra_rater(labels)
-    verdicts = L.claims_on_labels(rows, profile.layer, ("project", "project_v1"), seed=args.seed)
+    verdicts = C.claims_on_labels(rows, profile.layer, ("project", "project_v1"), seed=args.seed)
     files = {f"{d}.csv": table[table.domain == d].to_csv(index=False).encode() for d in dict.fromkeys(table.domain)}
     files["intra_rater.json"] = (json.dumps(intra, indent=1) + "\n").encode()
     files["claims_verdicts.csv"] = verdicts.to_csv(index=False).encode()

@@ -206,7 +206,7 @@ def test_domain_validation_scopes_and_halves_by_hand():
 
 
 def test_eval_cell_reads_notebook_03s_units_only():
-    assert L.eval_cell("generations/eval/AT__LAT_L12.jsonl#3", 12) == ("AT", "LAT")
-    assert L.eval_cell("generations/eval/AT__LAT_L12.jsonl#3", 10) is None
-    assert L.eval_cell("generations/eval/AT__none.jsonl#0", 12) is None
-    assert L.eval_cell("generations/sweep/AT__AT_L12.jsonl#0", 12) is None
+    assert C.eval_cell("generations/eval/AT__LAT_L12.jsonl#3", 12) == ("AT", "LAT")
+    assert C.eval_cell("generations/eval/AT__LAT_L12.jsonl#3", 10) is None
+    assert C.eval_cell("generations/eval/AT__none.jsonl#0", 12) is None
+    assert C.eval_cell("generations/sweep/AT__AT_L12.jsonl#0", 12) is None
