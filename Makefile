@@ -4,6 +4,7 @@ PUBLISH ?=  # PUBLISH=1: replace the committed adapters (train) or figures/<prof
 ARGS ?=     # extra arguments: make lab ARGS="--port 8899 --no-browser"; make reproduce ARGS="--overrides n_eval=16"
 PYTHON ?= python3
 PY := .venv/bin/python
+TEST_WORKERS ?= 2
 STAMP := .venv/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 
 .PHONY: setup reproduce test test-slow smoke train train-check train-sweep bench lab kernel clean-runs
@@ -18,8 +19,8 @@ setup: $(STAMP)
 reproduce: setup  ## run notebooks/NN_*.ipynb in order on PROFILE (default cpu) through papermill
 	$(PY) scripts/run_notebooks.py --profile $(PROFILE) $(if $(PUBLISH),--publish) $(ARGS)
 
-test: setup  ## fast tests (tiny model, seconds)
-	$(PY) -m pytest -q -m "not slow" tests
+test: setup  ## fast tests (tiny model, seconds), in TEST_WORKERS processes (default 2: one per core here)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" tests
 
 test-slow: setup  ## slow tests: real-model runs, process-level kill/resume and bench dry runs (minutes)
 	$(PY) -m pytest -q -m slow tests

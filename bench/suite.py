@@ -1,7 +1,8 @@
 """The fast test suite (`make test`) and the tiny notebook series (`PROFILE=tiny make reproduce`, into a
 temporary run folder), each run once in a subprocess: wall time and CPU time (user + system of the
 process and everything it waited for: pytest, papermill and the notebooks' kernels). The CPU time is the
-number to compare on a shared machine; the wall time of a single-threaded run on idle cores is close to it.
+number to compare on a shared machine for the series; the fast suite runs in 2 worker processes, so its target
+is wall time on idle cores.
 
     .venv/bin/python bench/suite.py            # ~2-3 min on 2 cores
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 from _util import REPO, busy_cores, table, verdict
 
 TARGET_S = 60  # issue 30: `make test` <= 60 s on 2 idle cores; the tiny series <= 60 s of CPU after setup
+WORKERS = 2    # `make test` runs pytest in TEST_WORKERS = 2 processes (pytest-xdist), one per core
 
 
 def timed(command: list[str], log=print) -> tuple[float, float, int]:
@@ -37,9 +39,9 @@ def timed(command: list[str], log=print) -> tuple[float, float, int]:
 
 def run(log=print):
     busy = busy_cores()
-    wall, cpu, status = timed([sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider",
-                               "tests"], log)
-    suite = (f"Fast suite (`make test`): {wall:.0f} s wall, {cpu:.0f} s CPU, exit status {status} "
+    wall, cpu, status = timed([sys.executable, "-m", "pytest", "-q", "-n", str(WORKERS), "-m", "not slow", "-p",
+                               "no:cacheprovider", "tests"], log)
+    suite = (f"Fast suite (`make test`, {WORKERS} workers): {wall:.0f} s wall, {cpu:.0f} s CPU, exit status {status} "
              f"({busy:.1f} cores busy with other work before it).")
     with tempfile.TemporaryDirectory() as tmp:
         s_wall, s_cpu, s_status = timed([sys.executable, "scripts/run_notebooks.py", "--profile", "tiny",
@@ -55,8 +57,8 @@ def run(log=print):
           + "\n\nOn `tiny` one kernel runs the whole series (`--kernel auto`, reset before each notebook): a fresh "
           "kernel per notebook paid ~5 s of CPU each before its own work (the kernel, `import helpers`, matplotlib, "
           "transformers' model classes); `--kernel each` still does that.")
-    targets = [(f"fast suite <= {TARGET_S} s on 2 idle cores (CPU time; wall on this machine's load)",
-                f"{cpu:.0f} s CPU ({wall:.0f} s wall)", cpu <= TARGET_S and status == 0),
+    targets = [(f"fast suite <= {TARGET_S} s wall on 2 idle cores ({WORKERS} workers; {busy:.1f} cores were busy)",
+                f"{wall:.0f} s wall ({cpu:.0f} s CPU)", wall <= TARGET_S and status == 0),
                (f"tiny series <= {TARGET_S} s of CPU", f"{s_cpu:.0f} s", s_cpu <= TARGET_S and s_status == 0)]
     return md, targets
 

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,9 @@ import helpers as H  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads a real model (minutes); run with `make test-slow`")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one torch thread each
+        import torch
+        torch.set_num_threads(1)
 
 
 @pytest.fixture()
