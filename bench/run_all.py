@@ -1,5 +1,6 @@
-"""`make bench`: capture, generation, series and arm-evaluation benchmarks on one profile, and (on cpu,
-or with --suite) the fast test suite and the tiny notebook series, into BENCHMARKS.md.
+"""`make bench`: capture, generation, series and arm-evaluation benchmarks on one profile, the training speed
+per arm (from the committed logs), and (on cpu, or with --suite) the fast test suite and the tiny notebook
+series, into BENCHMARKS.md.
 
     .venv/bin/python bench/run_all.py                  # cpu -> BENCHMARKS.md (~40 min on 2 idle cores)
     .venv/bin/python bench/run_all.py --profile tiny   # seconds, meaningless numbers -> runs/tiny/BENCHMARKS.md
@@ -20,6 +21,7 @@ import capture
 import generation
 import series
 import suite
+import train_speed
 from _util import table
 from refusal_lat.config import REPO, load_profile, run_dir  # noqa: E402
 from refusal_lat.models.load import load_model  # noqa: E402
@@ -44,7 +46,8 @@ def main():
     parts = [("Activation capture", capture.run(model, tok, profile, n_capture, args.reps)),
              ("Generation", generation.run(model, tok, profile, args.reps)),
              ("Notebook series", series.run(profile.name)),
-             ("Arm evaluation", arms_eval.run(profile.name, reps=1))]
+             ("Arm evaluation", arms_eval.run(profile.name, reps=1)),
+             ("Training speed per arm", train_speed.run(profile.name))]
     if args.suite or (args.suite is None and profile.name == "cpu"):
         parts.append(("Fast suite and tiny series", suite.run()))
     targets = [t for _, (_, ts) in parts for t in ts]

@@ -19,7 +19,8 @@ def test_tiny_bench_writes_every_section_and_the_recompute_steps_match(tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     text = out.read_text()
     for heading in ("### Activation capture", "#### Overhead", "#### KV cache vs the paper's recompute loop",
-                    "#### Throughput per batch size", "### Notebook series", "### Arm evaluation"):
+                    "#### Throughput per batch size", "### Notebook series", "### Arm evaluation",
+                    "### Training speed per arm"):
         assert heading in text
     speedup_rows = [line for line in text.splitlines() if line.startswith("| 4 |") or line.startswith("| 16 (paper) |")]
     assert len(speedup_rows) == 2 and all(row.rstrip(" |").endswith("yes") for row in speedup_rows), speedup_rows
@@ -69,3 +70,17 @@ def test_side_by_side_benches_run_on_tiny(script, args, expect, monkeypatch, cap
     out = capsys.readouterr().out
     for text in expect:
         assert text in out, (text, out[-2000:])
+
+
+def test_training_speed_reads_step_times_from_a_log(tmp_path, monkeypatch):
+    import train_speed
+    log = {"arm": "lat", "threads": 1, "seconds": 9.0, "cpu_seconds": 8.0,
+           "rows": [{"seconds": 2.0}, {"seconds": 3.0}, {"seconds": 9.0}]}  # cumulative: steps of 2, 1 and 6 s
+    assert train_speed.step_seconds(log).tolist() == [2.0, 1.0, 6.0]
+    folder = tmp_path / "adapters" / "cpu" / "v9" / "lat-s0"
+    folder.mkdir(parents=True)
+    (folder / "train_log.json").write_text(__import__("json").dumps(log))
+    monkeypatch.setattr(train_speed, "REPO", tmp_path)
+    md, targets = train_speed.run("cpu")
+    assert "| v9/lat-s0 | lat | 1 | 3 | 2.0 |" in md and targets == []
+    assert train_speed.run("nothing")[0].startswith("No committed adapters")
