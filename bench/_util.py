@@ -216,3 +216,24 @@ def update_section(path: Path, name: str, body: str):
         text = text.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+# --- command line ------------------------------------------------------------------------------
+def model_main(title: str, doc: str, run, add_args=None):
+    """The command line of a bench on the profile's base model: --profile, --reps, --threads (plus add_args(parser)),
+    the model loaded once, run(model, tokenizer, profile, args) -> (markdown, targets) printed under `title`."""
+    import argparse
+    from refusal_lat.config import load_profile
+    from refusal_lat.models.load import load_model
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", default="auto")
+    if add_args:
+        add_args(parser)
+    args = parser.parse_args()
+    note = set_threads(args.threads)
+    profile = load_profile(args.profile)
+    model, tok = load_model(profile, "base")
+    md, _ = run(model, tok, profile, args)
+    print(f"## {title} ({profile.name})\n\n{machine()}; {note}\n\n{md}")

@@ -7,15 +7,11 @@ residual stream, so the real run_with_cache cache is larger still).
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 from _util import PeakRSS, bench_prompts, batches, compare, med, mib, ratio, spread, table, tensor_bytes, verdict
 from refusal_lat.activations import block_inputs, trunk_forward  # noqa: E402
-from refusal_lat.config import load_profile  # noqa: E402
-from refusal_lat.models.load import load_model  # noqa: E402
-from refusal_lat.prefix import prefill_shared_prefix  # noqa: E402
 from refusal_lat.prompts import position_ids, tokenize  # noqa: E402
 
 SIZES = {"cpu": {"prompts": 16}, "tiny": {"prompts": 16}}
@@ -106,17 +102,9 @@ def run(model, tok, profile, prompts: int = 16, reps: int = 3, log=print):
 
 def main():
     import _util
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="cpu")
-    parser.add_argument("--prompts", type=int)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", default="auto")
-    args = parser.parse_args()
-    note = _util.set_threads(args.threads)
-    profile = load_profile(args.profile)
-    model, tok = load_model(profile, "base")
-    md, _ = run(model, tok, profile, args.prompts or SIZES.get(args.profile, SIZES["cpu"])["prompts"], args.reps)
-    print(f"## Activation capture ({profile.name})\n\n{_util.machine()}; {note}\n\n{md}")
+    _util.model_main("Activation capture", __doc__, lambda model, tok, profile, args: run(
+        model, tok, profile, args.prompts or SIZES.get(profile.name, SIZES["cpu"])["prompts"], args.reps),
+        lambda parser: parser.add_argument("--prompts", type=int))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ times the prefill once and the decode steps (greedy_tokens' own step) as medians
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import time
@@ -19,10 +18,9 @@ import numpy as np
 import torch
 
 from _util import bench_prompts, batches, compare, med, ratio, spread, table, unit_direction, verdict
-from refusal_lat.config import load_profile  # noqa: E402
 from refusal_lat.generation import append_token, decode_step, generate, greedy_tokens, start_decoding  # noqa: E402
 from refusal_lat.hooks import ablation, orthogonalize_  # noqa: E402
-from refusal_lat.models.load import decoder_layers, load_model  # noqa: E402
+from refusal_lat.models.load import decoder_layers  # noqa: E402
 from refusal_lat.prompts import tokenize  # noqa: E402
 from refusal_lat.units import transfer_units  # noqa: E402
 
@@ -212,16 +210,7 @@ def run(model, tok, profile, reps: int = 3, sizes: dict | None = None, log=print
 
 def main():
     import _util
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="cpu")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", default="auto")
-    args = parser.parse_args()
-    note = _util.set_threads(args.threads)
-    profile = load_profile(args.profile)
-    model, tok = load_model(profile, "base")
-    md, _ = run(model, tok, profile, args.reps)
-    print(f"## Generation ({profile.name})\n\n{_util.machine()}; {note}\n\n{md}")
+    _util.model_main("Generation", __doc__, lambda model, tok, profile, args: run(model, tok, profile, args.reps))
 
 
 if __name__ == "__main__":
