@@ -9,8 +9,6 @@ cores.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import numpy as np
 
@@ -25,12 +23,11 @@ def step_seconds(log: dict) -> np.ndarray:
 
 
 def logs_of(profile: str) -> list[tuple[str, dict]]:
-    """(adapter path relative to adapters/<profile>, its log) for every committed adapter of the profile."""
+    """(adapter path relative to adapters/<profile>, its log) for every committed adapter of the profile, each read
+    by loop.load_log (checked against the adapter's manifest first)."""
+    from refusal_lat.training.loop import load_log
     root = REPO / "adapters" / profile
-    out = []
-    for path in sorted(root.glob("**/train_log.json")):
-        out.append((str(path.parent.relative_to(root)), json.loads(path.read_text())))
-    return out
+    return [(str(path.parent.relative_to(root)), load_log(path.parent)) for path in sorted(root.glob("**/train_log.json"))]
 
 
 def run(profile: str = "cpu"):
