@@ -368,20 +368,25 @@ def _normal_quantile(p: float) -> float:
     return (lo + hi) / 2
 
 
-def hierarchical_bootstrap(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+def hierarchical_bootstrap(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                           paired_seeds: bool = False) -> dict:
     """Difference of means between models a and b with seed-level uncertainty: a and b are [seeds, prompts]
     arrays on the same prompts (b may have one row: a reference without seeds, such as the base model).
-    Each resample draws seeds with replacement (separately for a and b) and then prompts with replacement
-    (the same prompts for both: the comparison stays paired by prompt). Percentile interval."""
+    Each resample draws seeds with replacement (separately for a and b; with paired_seeds the same seed
+    rows for both, e.g. one set of models under two conditions) and then prompts with replacement (the
+    same prompts for both: the comparison stays paired by prompt). Percentile interval."""
     import numpy as np
     a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"a and b must cover the same prompts: {a.shape[1]} vs {b.shape[1]} columns")
+    if paired_seeds and len(a) != len(b):
+        raise ValueError(f"paired seeds need as many rows in a as in b: {len(a)} vs {len(b)}")
     rng = np.random.default_rng(seed)
     n = a.shape[1]
     boot = np.empty(n_boot)
     for i in range(n_boot):
-        sa, sb = rng.integers(0, len(a), len(a)), rng.integers(0, len(b), len(b))
+        sa = rng.integers(0, len(a), len(a))
+        sb = sa if paired_seeds else rng.integers(0, len(b), len(b))
         p = rng.integers(0, n, n)
         boot[i] = a[sa][:, p].mean() - b[sb][:, p].mean()
     tail = (1 - level) / 2

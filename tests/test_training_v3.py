@@ -278,3 +278,90 @@ def test_sweep_evaluation_of_one_adapter_on_tiny(tiny, tmp_path, monkeypatch):
     assert V.load_sweep_tables(tmp_path / "acts")["labels"].empty
     assert V.dose_response(acts, tiny.layer, prof.training["lat_layer"]).rate_harmful.isna().all()
     assert list(V.sweep_claims(acts, tiny.layer, n_boot=200).claim) == ["C1"]
+
+
+def synthetic_sweep_labels(rates: dict, n: int = 200, seed: int = 0):
+    """A labels table (sweep_eval.LABEL_COLUMNS) with refusal rates {(model, condition): rate}."""
+    import numpy as np
+    import pandas as pd
+    from refusal_lat.training.sweep_eval import role_columns
+    rng = np.random.default_rng(seed)
+    rows = [{**role_columns(m), "condition": c, "prompt": i, "project": int(rng.random() < r), "substring": 0,
+             "log_odds": 0.0} for (m, c), r in rates.items() for i in range(n)]
+    return pd.DataFrame(rows)
+
+
+def test_seed_claims_pool_seeds_with_the_claims_tests():
+    import pandas as pd
+    from refusal_lat.training.sweep_eval import ablated, seed_claims
+    lats, ats = ["eps0.14/lat-s0", "eps0.14/lat-s1"], ["eps0.14/at-s0", "eps0.14/at-s1"]
+    rates = {("base", "harmless"): 0.05, ("base", "ablated_own"): 0.2, ("base", "harmful"): 0.8}
+    for m in lats:
+        rates.update({(m, "harmless"): 0.4, (m, "ablated_own"): 0.6, (m, "ablated_base"): 0.7, (m, "harmful"): 0.9,
+                      ("base", ablated(m)): 0.2})
+    for m in ats:
+        rates.update({(m, "harmless"): 0.05, (m, "ablated_own"): 0.6, (m, "harmful"): 0.9,
+                      (m, ablated(m.replace("at-", "lat-"))): 0.6})
+    for m in ("eps0/sft-s0", "eps0/sft-s1"):
+        rates.update({(m, "harmless"): 0.05, (m, "harmful"): 0.8})
+    labels = synthetic_sweep_labels(rates)
+    same = labels.condition.eq("harmless") & labels.arm.isin(["sft", "at"])  # they answer what base answers
+    labels.loc[same, "project"] = labels[(labels.model == "base") & (labels.condition == "harmless")].project.tolist() * 4
+    out = seed_claims({"labels": labels}, layer=12, n_boot=300)
+    claims = out[out.kind == "claim"].set_index(["claim", "reference"])
+    assert set(claims.index) == {("C2", "base"), ("C2", "AT"), ("C3a", "base"), ("C3b", "base"), ("C3b", "AT")}
+    assert (claims.family == 5).all() and (claims.seeds == 2).all()
+    c3a = claims.loc[("C3a", "base")]
+    by_hand = 100 * (labels[labels.model.isin(lats) & (labels.condition == "ablated_base")].project.mean()
+                     - labels[(labels.model == "base") & (labels.condition == "ablated_own")].project.mean())
+    assert abs(c3a.estimate - by_hand) < 1e-9 and c3a.lo > 0 and c3a.verdict.startswith("reproduced")
+    assert claims.loc[("C3b", "base")].verdict == "opposite"  # LAT refuses more under its own direction
+    assert claims.family_lo.le(claims.lo).all() and claims.family_hi.ge(claims.hi).all()  # wider for the family
+    over = out[out.kind == "over_refusal"].set_index("arm")
+    assert not over.loc["lat"].equivalent and over.loc["at"].equivalent and over.loc["sft"].equivalent
+    assert set(out[out.kind == "robustness"].condition) == {"harmful", "ablated_own"}  # what every LAT seed ran
+    one_seed = labels[~labels.model.isin(["eps0.14/lat-s1"])]
+    assert seed_claims({"labels": one_seed}, layer=12, n_boot=50).empty  # a single LAT seed: nothing pooled
+    assert seed_claims({"labels": pd.DataFrame()}, layer=12).empty
+
+
+def test_paired_seeds_draw_both_sides_together():
+    import numpy as np
+    from refusal_lat.stats import hierarchical_bootstrap
+    rng = np.random.default_rng(1)
+    a = (rng.random((3, 150)) < np.array([[0.2], [0.5], [0.8]])).astype(float)  # seeds far apart
+    b = np.clip(a - (rng.random(a.shape) < 0.1), 0, 1)  # the same seeds under another condition
+    paired = hierarchical_bootstrap(a, b, n_boot=500, paired_seeds=True)
+    apart = hierarchical_bootstrap(a, b, n_boot=500)
+    assert paired["difference"] == apart["difference"]
+    assert (paired["hi"] - paired["lo"]) < 0.5 * (apart["hi"] - apart["lo"])
+    with pytest.raises(ValueError, match="paired seeds"):
+        hierarchical_bootstrap(a, b[:2], paired_seeds=True)
+
+
+def test_second_component_seeds_pools_seeds_against_references():
+    import numpy as np
+    import torch
+    from refusal_lat.svd import variance_ratios
+    from refusal_lat.training.sweep_eval import second_component_seeds
+    rng = np.random.default_rng(0)
+    u, v = rng.normal(size=16), rng.normal(size=16)
+
+    def record(second: float, noise: float = 0.1):
+        d = rng.normal(1, 0.2, (40, 1)) * u + second * rng.normal(size=(40, 1)) * v + noise * rng.normal(size=(40, 16))
+        harmless = torch.tensor(rng.normal(size=(40, 2, 16)))
+        harmful = harmless.clone()
+        harmful[:, 1] += torch.tensor(d)
+        return {"acts": {"harmful": harmful, "harmless": harmless}}
+    records = {"base": record(0.0), "eps0/sft-s0": record(0.0), "eps0/sft-s1": record(0.0),
+               "eps0.14/lat-s0": record(0.8), "eps0.14/lat-s1": record(0.6), "eps0.14/at-s0": record(0.0)}
+    out = second_component_seeds(records, layer=1, n_boot=300).set_index(["arm", "reference"])
+    assert set(out.index) == {("lat", "SFT"), ("lat", "base"), ("lat", "AT")}  # AT: a reference (one seed), no row of its own
+    assert out.loc[("lat", "AT")].reference_seeds == 1
+    share = lambda r: variance_ratios((records[r]["acts"]["harmful"][:, 1] - records[r]["acts"]["harmless"][:, 1]).numpy(), 2)[1]  # noqa: E731
+    want = (share("eps0.14/lat-s0") + share("eps0.14/lat-s1")) / 2 - (share("eps0/sft-s0") + share("eps0/sft-s1")) / 2
+    row = out.loc[("lat", "SFT")]
+    assert abs(row.difference - want) < 1e-9 and 0 < row.lo < row.difference < row.hi
+    assert row.seeds == 2 and row.reference_seeds == 2
+    del records["eps0.14/lat-s1"]
+    assert second_component_seeds(records, layer=1, n_boot=50).empty

@@ -329,7 +329,50 @@ def second_component(records: dict, n_boot: int = 1000) -> "pd.DataFrame":
     return paired_model_differences(diffs, pairs=pairs, components=(1, 2), n_boot=n_boot)
 
 
-TABLES = ("labels", "rates", "over_refusal", "mechanism", "svd_shares", "second_component", "training")
+def seed_groups(roles) -> dict:
+    """{(budget, arm): [roles, by seed]} of the sweep's models (the base model: (0.0, "base"))."""
+    out = {}
+    for r in sorted(roles, key=lambda r: (budget_of(r), arm_of(r), seed_of(r) or 0)):
+        out.setdefault((budget_of(r), arm_of(r)), []).append(r)
+    return out
+
+
+def second_component_seeds(records: dict, layer: int, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+                           ) -> "pd.DataFrame":
+    """The second component's share at `layer`, every arm with >= 2 seeds at a budget (pooled over its seeds)
+    minus SFT (its seeds), the base, and AT of the same budget (for LAT), with a hierarchical bootstrap: each
+    replicate draws prompts (the same for every model) and then each side's seeds with replacement, and
+    averages the share over the drawn seeds. Percentile interval, in share units (0-1)."""
+    import pandas as pd
+    from ..svd import bootstrap_gram_ratios, bootstrap_indices, variance_ratios
+    d = {r: (rec["acts"]["harmful"][:, layer] - rec["acts"]["harmless"][:, layer]).double().numpy()
+         for r, rec in records.items()}
+    idx = bootstrap_indices(len(next(iter(d.values()))), n_boot, seed)
+    point = {r: variance_ratios(x, 2)[1] for r, x in d.items()}
+    reps = {r: bootstrap_gram_ratios(x @ x.T, idx, 2)[:, 1] for r, x in d.items()}
+    groups, rng, rows = seed_groups(records), np.random.default_rng(seed), []
+    cols = np.arange(n_boot)[:, None]
+    for (budget, arm), roles in groups.items():
+        if arm not in ("lat", "at", "rand") or len(roles) < 2:
+            continue
+        refs = {"SFT": groups.get((0.0, "sft")), "base": ["base"], "AT": groups.get((budget, "at")) if arm == "lat" else None}
+        for name, others in refs.items():
+            if not others:
+                continue
+            a, b = np.stack([reps[r] for r in roles], 1), np.stack([reps[r] for r in others], 1)  # [n_boot, seeds]
+            boot = (a[cols, rng.integers(0, a.shape[1], a.shape)].mean(1)
+                    - b[cols, rng.integers(0, b.shape[1], b.shape)].mean(1))
+            tail = (1 - level) / 2
+            rows.append({"budget": budget, "arm": arm, "seeds": len(roles), "reference": name,
+                         "reference_seeds": len(others), "layer": layer, "component": 2,
+                         "difference": np.mean([point[r] for r in roles]) - np.mean([point[r] for r in others]),
+                         "lo": float(np.quantile(boot, tail)), "hi": float(np.quantile(boot, 1 - tail))})
+    return pd.DataFrame(rows)
+
+
+TABLES = ("labels", "rates", "over_refusal", "mechanism", "svd_shares", "second_component", "training",
+          "second_component_seeds")
+LATER_TABLES = ("second_component_seeds",)  # added after the first published evaluation: empty when absent
 
 
 def training_table(models: dict) -> "pd.DataFrame":
@@ -385,7 +428,8 @@ def evaluate_sweep(profile: Profile, out: Path, settings: SweepEvalSettings = Sw
                                                            prompts, settings, run, log)
     tables = {"labels": labels_table(records), "rates": robustness(records), "over_refusal": over_refusal(records),
               "mechanism": mechanism(records), "svd_shares": shares(records),
-              "second_component": second_component(records), "training": training_table(models)}
+              "second_component": second_component(records), "training": training_table(models),
+              "second_component_seeds": second_component_seeds(records, profile.layer)}
     for name, table in tables.items():
         atomic_write(out / f"{name}.csv", table.to_csv(index=False).encode())
     from ..store import sha256_file
@@ -403,14 +447,14 @@ def load_sweep_tables(folder: Path) -> dict | None:
     """{name: DataFrame} of a folder evaluate_sweep wrote (a committed one checked against its seal), or None."""
     import pandas as pd
     folder = Path(folder)
-    if not all((folder / f"{n}.csv").is_file() for n in TABLES):
+    if not all((folder / f"{n}.csv").is_file() for n in TABLES if n not in LATER_TABLES):
         return None
     verify(folder)
 
     def read(name):
         try:
             return pd.read_csv(folder / f"{name}.csv")
-        except pd.errors.EmptyDataError:
+        except (pd.errors.EmptyDataError, FileNotFoundError):  # a table an older evaluation did not write
             return pd.DataFrame()
     return {n: read(n) for n in TABLES}
 
@@ -517,6 +561,81 @@ def sweep_claims(tables: dict, layer: int, judge: str = "project", n_boot: int =
                             "corrected_verdict": verdict(c["lo"], c["hi"], EXPECT[claim], paper),
                             "judge_validation": c["judge_validation"]})
             rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def seed_claims(tables: dict, layer: int, judge: str = "project", n_boot: int = 2000, margin: float = 5.0,
+                min_seeds: int = 2) -> "pd.DataFrame":
+    """At every budget where LAT has >= min_seeds seeds: the tests of sweep_claims, over-refusal's TOST and
+    LAT's robustness per condition, each pooled over the seeds with a hierarchical bootstrap over seeds and
+    prompts (stats.hierarchical_bootstrap; C2 against AT pairs each AT adapter with the LAT adapter of its own
+    seed, so its seeds are drawn together; every other pair of groups draws its seeds independently). C1
+    comes from the second_component_seeds table. Columns: kind (claim | over_refusal | robustness), claim or
+    condition, reference, estimate / lo / hi in points. Claims: 95 % intervals and also `family_lo/hi` at
+    1 - 0.05/k for the k claim tests at that budget (Bonferroni; `verdict_family`). Over-refusal: the 90 %
+    interval of TOST with +-margin points (`equivalent`: it lies inside)."""
+    import pandas as pd
+    from ..claims import EXPECT, paper_difference, verdict
+    from ..stats import hierarchical_bootstrap
+    labels, rows = tables["labels"], []
+    if not len(labels):
+        return pd.DataFrame()
+    groups = seed_groups(labels.model.unique())
+    ran = set(zip(labels.model, labels.condition))
+    stack = lambda models, conds: np.stack([per_prompt(labels, m, c, judge) for m, c in zip(models, conds)])  # noqa: E731
+    second = tables.get("second_component_seeds", pd.DataFrame())
+    for (budget, arm), lats in groups.items():
+        if arm != "lat" or len(lats) < min_seeds:
+            continue
+        head = {"budget": budget, "seeds": len(lats)}
+        at_of = {seed_of(m): m for m in groups.get((budget, "at"), [])}
+        ats = [at_of[seed_of(m)] for m in lats if seed_of(m) in at_of]
+        claims = [("C1", r.reference, (100 * r.difference, 100 * r.lo, 100 * r.hi), None)
+                  for r in (second[(second.budget == budget) & (second.arm == "lat")].itertuples() if len(second) else ())]
+        tests = [("C2", "base", (["base"] * len(lats), [ablated(m) for m in lats]), (["base"], ["ablated_own"]), False),
+                 ("C2", "AT", (ats, [ablated(m.replace("at-", "lat-", 1)) for m in ats]), (ats, ["ablated_own"] * len(ats)),
+                  True),
+                 ("C3a", "base", (lats, ["ablated_base"] * len(lats)), (["base"], ["ablated_own"]), False),
+                 ("C3b", "base", (lats, ["ablated_own"] * len(lats)), (["base"], ["ablated_own"]), False),
+                 ("C3b", "AT", (lats, ["ablated_own"] * len(lats)), (ats, ["ablated_own"] * len(ats)), False)]
+        for claim, name, a, b, paired in tests:
+            if not a[0] or not b[0] or not all(mc in ran for mc in [*zip(*a), *zip(*b)]):
+                continue
+            claims.append((claim, name, (stack(*a), stack(*b)), paired))
+        k = max(len(claims), 1)
+        for claim, name, data, paired in claims:
+            paper = paper_difference(claim, "LAT", name) if name != "SFT" else None
+            if claim == "C1":  # no family interval: the table holds the 95 % one only
+                row = dict(zip(("estimate", "lo", "hi"), data), family_lo=np.nan, family_hi=np.nan)
+            else:
+                x, y = data
+                h = hierarchical_bootstrap(x, y, n_boot=n_boot, paired_seeds=paired)
+                f = hierarchical_bootstrap(x, y, n_boot=n_boot, paired_seeds=paired, level=1 - 0.05 / k)
+                row = {"estimate": 100 * h["difference"], "lo": 100 * h["lo"], "hi": 100 * h["hi"],
+                       "family_lo": 100 * f["lo"], "family_hi": 100 * f["hi"]}
+            rows.append({**head, "kind": "claim", "claim": claim, "reference": name, "family": k, **row,
+                         "paper": paper, "verdict": verdict(row["lo"], row["hi"], EXPECT[claim], paper),
+                         "verdict_family": verdict(row["family_lo"], row["family_hi"], EXPECT[claim], paper)})
+        for other_arm in ("sft", "at", "lat", "rand"):
+            models = groups.get((0.0 if other_arm == "sft" else budget, other_arm), [])
+            if len(models) < min_seeds or not all((m, "harmless") in ran for m in models):
+                continue
+            h = hierarchical_bootstrap(stack(models, ["harmless"] * len(models)), stack(["base"], ["harmless"]),
+                                       n_boot=n_boot, level=0.90)
+            rows.append({**head, "seeds": len(models), "kind": "over_refusal", "arm": other_arm, "reference": "base",
+                         "estimate": 100 * h["difference"], "lo": 100 * h["lo"], "hi": 100 * h["hi"],
+                         "equivalent": bool(-margin < 100 * h["lo"] and 100 * h["hi"] < margin)})
+        refs = {"SFT": groups.get((0.0, "sft"), []), "AT": ats, "base": ["base"]}
+        for c in CONDITIONS:
+            if c == "harmless" or not all((m, c) in ran for m in lats):
+                continue
+            for name, others in refs.items():
+                if others and all((m, c) in ran for m in others):
+                    h = hierarchical_bootstrap(stack(lats, [c] * len(lats)), stack(others, [c] * len(others)),
+                                               n_boot=n_boot)
+                    rows.append({**head, "kind": "robustness", "condition": c, "reference": name,
+                                 "reference_seeds": len(others), "estimate": 100 * h["difference"],
+                                 "lo": 100 * h["lo"], "hi": 100 * h["hi"]})
     return pd.DataFrame(rows)
 
 
