@@ -594,7 +594,8 @@ def _budget_width(budget: float, top: float = 0.3) -> float:
 def sweep_dose_response(dose, authors: Mapping, name: str):
     """07_dose_response: x = relative budget (log); per arm the second component's share minus SFT's (with its
     interval), the last-token norm before the perturbed block (x base), refusal with the own direction ablated,
-    and over-refusal (with its TOST interval; grey band: the +-5-point margin). SFT: a dashed level."""
+    and over-refusal (with its TOST interval; grey band: the +-5-point margin). SFT: a dashed level. A budget with
+    several seeds: the line and band follow the mean over its seeds, and each seed is a small dot."""
     panels = [("comp2_minus_sft", "2nd component share − SFT's (points)", "(c) C1: second component"),
               ("norm_inflation_before", "last-token norm w/o top channels (× base)", "(b) norm before the block"),
               ("rate_ablated_own", "refusal, own direction ablated", "(d) own direction ablated"),
@@ -604,10 +605,13 @@ def sweep_dose_response(dose, authors: Mapping, name: str):
         for arm in ("at", "lat", "rand"):
             part = dose[(dose["arm"] == arm) & (dose["budget"] > 0)].sort_values("budget")
             if col in part and part[col].notna().any():
-                S.tag(ax.plot(part["budget"], part[col], "o-", color=S.model_color(arm), label=S.ARM_NAMES[arm]), arm)
+                mean = part.groupby("budget").mean(numeric_only=True)
+                S.tag(ax.plot(mean.index, mean[col], "o-", color=S.model_color(arm), label=S.ARM_NAMES[arm]), arm)
                 if f"{col}_lo" in part:
-                    ax.fill_between(part["budget"], part[f"{col}_lo"], part[f"{col}_hi"], color=S.model_color(arm),
+                    ax.fill_between(mean.index, mean[f"{col}_lo"], mean[f"{col}_hi"], color=S.model_color(arm),
                                     alpha=0.15, lw=0)
+                if len(mean) < len(part):  # several seeds at some budget
+                    S.tag(ax.plot(part["budget"], part[col], ".", ms=4, color=S.model_color(arm), alpha=0.6), arm)
         sft = dose[dose["arm"] == "sft"]
         if col in sft and sft[col].notna().any():
             S.tag(ax.axhline(sft[col].mean(), color=S.model_color("sft"), ls="--", label="SFT"), "sft")
