@@ -22,6 +22,7 @@ from refusal_lat.training.loop import (  # noqa: F401
     save_arm,
     summary,
     train_arm,
+    trained_seeds,
     train_profile,
 )
 from refusal_lat.training.pgd import causal_lm, example_norms, pgd_attack, project_l2, project_tokens, sft_loss  # noqa: F401

@@ -14,6 +14,7 @@ processes of one torch thread each (the data are built first, once). --check ARM
 adapter into a temporary folder and compares its adapter_model.safetensors with the committed one byte
 for byte (exit 1 when they differ). The recipe's folder (under adapters/) is committed: training into it
 needs --publish, which then seals each adapter folder again (MANIFEST.json, refusal_lat/record.py).
+--summary-only rewrites <out>/summary.csv from the adapters already in it (with --publish where committed).
 --budget B trains the point B of the profile's budget sweep (`sweep:` in configs/<profile>.yaml,
 refusal_lat/training/sweep.py; B = 0 is its SFT point) into <sweep adapters>/eps<B>/; --sweep trains
 every point not yet trained, cheapest first, each in its own process (--jobs at a time).
@@ -124,6 +125,8 @@ def main() -> int:
     parser.add_argument("--publish", action="store_true", help="replace committed adapters (under adapters/)")
     parser.add_argument("--budget", type=float, help="a point of the profile's budget sweep (0: its SFT point)")
     parser.add_argument("--sweep", action="store_true", help="train every point of the budget sweep not yet trained")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="rewrite <out>/summary.csv from the adapters already there (every seed); train nothing")
     parser.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
@@ -169,7 +172,9 @@ def main() -> int:
                   + ("identical" if data[0] == data[1] else
                      f"DIFFERENT ({data[0]} vs {data[1]}: the base model's answers came out differently here)"))
         return 0 if same else 1
-    if args.jobs > 1:
+    if args.summary_only:
+        logs = failed = 0
+    elif args.jobs > 1:
         model, tokenizer = H.load_model(profile, "base")  # the data once, before the workers start
         T.training_examples(profile, rec, model, tokenizer)
         del model
@@ -191,8 +196,8 @@ def main() -> int:
                 f"{log['threads']} torch threads\n")
             if record.committed(folder):
                 record.seal(folder, record.remake_command(folder))
-    if not args.no_summary:
-        table = T.summary(dict(sorted(T.existing_logs(rec, out, seeds).items())))
+    if not args.no_summary:  # every adapter of this recipe in the folder, whichever seeds this run trained
+        table = T.summary(dict(sorted(T.existing_logs(rec, out, sorted({*seeds, *T.trained_seeds(out)})).items())))
         table.to_csv(out / "summary.csv", index=False)
         print(table.to_string(index=False))
     return 1 if failed else 0

@@ -365,3 +365,12 @@ def test_second_component_seeds_pools_seeds_against_references():
     assert row.seeds == 2 and row.reference_seeds == 2
     del records["eps0.14/lat-s1"]
     assert second_component_seeds(records, layer=1, n_boot=50).empty
+
+
+def test_trained_seeds_reads_every_adapter_folder(tmp_path):
+    from refusal_lat.training.loop import trained_seeds
+    for name in ("lat-s0", "at-s1", "lat-s2.tmp", "notes", "sft-s10"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "rand-s3").write_text("a file, not an adapter folder")
+    assert trained_seeds(tmp_path) == [0, 1, 10]
+    assert trained_seeds(tmp_path / "missing") == []

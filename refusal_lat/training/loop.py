@@ -235,6 +235,13 @@ def arm_folder(arm: str, seed: int) -> str:
     return f"{arm}-s{seed}"
 
 
+def trained_seeds(out: Path) -> list[int]:
+    """The seeds of every adapter folder (<arm>-s<seed>) in `out`, sorted."""
+    out = Path(out)
+    names = [f.name.rpartition("-s") for f in out.iterdir() if f.is_dir()] if out.is_dir() else []
+    return sorted({int(seed) for arm, _, seed in names if arm in ARMS and seed.isdigit()})
+
+
 def existing_logs(rec: Recipe, out: Path | None = None, seeds=None) -> dict:  # noqa: D401
     """{(arm, seed): log} for the arms already trained into `out` with exactly this recipe (seed aside)."""
     out = Path(out) if out else adapter_root(rec)
