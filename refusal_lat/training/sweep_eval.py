@@ -47,6 +47,8 @@ HARMFUL_CONDITIONS = ("harmful", "ablated_own", "ablated_base", "pgd_at", "pgd_l
 CONDITIONS = ("harmless", *HARMFUL_CONDITIONS, "prefill")
 ATTACKS = ("pgd_at", "pgd_lat")
 HARMFUL_CHUNK = 20  # harmful prompts per generation chunk: 20 x (conditions) rows
+CLAIM_FAMILY = 8  # the claim tests at one budget: C1 vs SFT / base / AT, C2 vs base / AT, C3a, C3b vs base / AT
+FAMILY_LEVEL = 1 - 0.05 / CLAIM_FAMILY  # Bonferroni over that family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,7 +344,8 @@ def second_component_seeds(records: dict, layer: int, n_boot: int = 1000, seed: 
     """The second component's share at `layer`, every arm with >= 2 seeds at a budget (pooled over its seeds)
     minus SFT (its seeds), the base, and AT of the same budget (for LAT), with a hierarchical bootstrap: each
     replicate draws prompts (the same for every model) and then each side's seeds with replacement, and
-    averages the share over the drawn seeds. Percentile interval, in share units (0-1)."""
+    averages the share over the drawn seeds. Percentile intervals in share units (0-1): lo/hi at `level`,
+    family_lo/family_hi at FAMILY_LEVEL (the claims' Bonferroni family)."""
     import pandas as pd
     from ..svd import bootstrap_gram_ratios, bootstrap_indices, variance_ratios
     d = {r: (rec["acts"]["harmful"][:, layer] - rec["acts"]["harmless"][:, layer]).double().numpy()
@@ -362,11 +365,12 @@ def second_component_seeds(records: dict, layer: int, n_boot: int = 1000, seed: 
             a, b = np.stack([reps[r] for r in roles], 1), np.stack([reps[r] for r in others], 1)  # [n_boot, seeds]
             boot = (a[cols, rng.integers(0, a.shape[1], a.shape)].mean(1)
                     - b[cols, rng.integers(0, b.shape[1], b.shape)].mean(1))
-            tail = (1 - level) / 2
+            tail, family = (1 - level) / 2, (1 - FAMILY_LEVEL) / 2
             rows.append({"budget": budget, "arm": arm, "seeds": len(roles), "reference": name,
                          "reference_seeds": len(others), "layer": layer, "component": 2,
                          "difference": np.mean([point[r] for r in roles]) - np.mean([point[r] for r in others]),
-                         "lo": float(np.quantile(boot, tail)), "hi": float(np.quantile(boot, 1 - tail))})
+                         "lo": float(np.quantile(boot, tail)), "hi": float(np.quantile(boot, 1 - tail)),
+                         "family_lo": float(np.quantile(boot, family)), "family_hi": float(np.quantile(boot, 1 - family))})
     return pd.DataFrame(rows)
 
 
@@ -572,8 +576,9 @@ def seed_claims(tables: dict, layer: int, judge: str = "project", n_boot: int = 
     seed, so its seeds are drawn together; every other pair of groups draws its seeds independently). C1
     comes from the second_component_seeds table. Columns: kind (claim | over_refusal | robustness), claim or
     condition, reference, estimate / lo / hi in points. Claims: 95 % intervals and also `family_lo/hi` at
-    1 - 0.05/k for the k claim tests at that budget (Bonferroni; `verdict_family`). Over-refusal: the 90 %
-    interval of TOST with +-margin points (`equivalent`: it lies inside)."""
+    FAMILY_LEVEL, Bonferroni over the CLAIM_FAMILY tests at one budget (`verdict_family`; fixed, so a budget
+    where fewer tests ran is judged conservatively). Over-refusal: the 90 % interval of TOST with +-margin
+    points (`equivalent`: it lies inside)."""
     import pandas as pd
     from ..claims import EXPECT, paper_difference, verdict
     from ..stats import hierarchical_bootstrap
@@ -590,7 +595,8 @@ def seed_claims(tables: dict, layer: int, judge: str = "project", n_boot: int = 
         head = {"budget": budget, "seeds": len(lats)}
         at_of = {seed_of(m): m for m in groups.get((budget, "at"), [])}
         ats = [at_of[seed_of(m)] for m in lats if seed_of(m) in at_of]
-        claims = [("C1", r.reference, (100 * r.difference, 100 * r.lo, 100 * r.hi), None)
+        claims = [("C1", r.reference, (100 * r.difference, 100 * r.lo, 100 * r.hi, 100 * r.family_lo, 100 * r.family_hi),
+                   None)
                   for r in (second[(second.budget == budget) & (second.arm == "lat")].itertuples() if len(second) else ())]
         tests = [("C2", "base", (["base"] * len(lats), [ablated(m) for m in lats]), (["base"], ["ablated_own"]), False),
                  ("C2", "AT", (ats, [ablated(m.replace("at-", "lat-", 1)) for m in ats]), (ats, ["ablated_own"] * len(ats)),
@@ -602,18 +608,17 @@ def seed_claims(tables: dict, layer: int, judge: str = "project", n_boot: int = 
             if not a[0] or not b[0] or not all(mc in ran for mc in [*zip(*a), *zip(*b)]):
                 continue
             claims.append((claim, name, (stack(*a), stack(*b)), paired))
-        k = max(len(claims), 1)
         for claim, name, data, paired in claims:
             paper = paper_difference(claim, "LAT", name) if name != "SFT" else None
-            if claim == "C1":  # no family interval: the table holds the 95 % one only
-                row = dict(zip(("estimate", "lo", "hi"), data), family_lo=np.nan, family_hi=np.nan)
+            if claim == "C1":  # from second_component_seeds
+                row = dict(zip(("estimate", "lo", "hi", "family_lo", "family_hi"), data))
             else:
                 x, y = data
                 h = hierarchical_bootstrap(x, y, n_boot=n_boot, paired_seeds=paired)
-                f = hierarchical_bootstrap(x, y, n_boot=n_boot, paired_seeds=paired, level=1 - 0.05 / k)
+                f = hierarchical_bootstrap(x, y, n_boot=n_boot, paired_seeds=paired, level=FAMILY_LEVEL)
                 row = {"estimate": 100 * h["difference"], "lo": 100 * h["lo"], "hi": 100 * h["hi"],
                        "family_lo": 100 * f["lo"], "family_hi": 100 * f["hi"]}
-            rows.append({**head, "kind": "claim", "claim": claim, "reference": name, "family": k, **row,
+            rows.append({**head, "kind": "claim", "claim": claim, "reference": name, "family": CLAIM_FAMILY, **row,
                          "paper": paper, "verdict": verdict(row["lo"], row["hi"], EXPECT[claim], paper),
                          "verdict_family": verdict(row["family_lo"], row["family_hi"], EXPECT[claim], paper)})
         for other_arm in ("sft", "at", "lat", "rand"):
