@@ -105,7 +105,8 @@ def test_random_arm_trains_at_the_loss_matched_radius(tiny, examples):
 
 
 def test_sweep_points_folders_and_overrides(tiny):
-    tiny = dataclasses.replace(tiny, sweep={**tiny.sweep, "arms": ["at", "lat"], "chosen": 0.5})
+    tiny = dataclasses.replace(tiny, sweep={**tiny.sweep, "arms": ["at", "lat"], "chosen": 0.5,
+                                          "chosen_arms": ["sft", "lat", "rand"]})
     sw = S.sweep_of(tiny)
     pts = S.points(sw)
     assert pts[0] == (0.0, "sft", 0) and (0.0, "sft", 1) in pts  # SFT once per seed, budget-free
