@@ -369,12 +369,13 @@ def _normal_quantile(p: float) -> float:
 
 
 def hierarchical_bootstrap(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
-                           paired_seeds: bool = False) -> dict:
+                           paired_seeds: bool = False, wide_level: float | None = None) -> dict:
     """Difference of means between models a and b with seed-level uncertainty: a and b are [seeds, prompts]
     arrays on the same prompts (b may have one row: a reference without seeds, such as the base model).
     Each resample draws seeds with replacement (separately for a and b; with paired_seeds the same seed
     rows for both, e.g. one set of models under two conditions) and then prompts with replacement (the
-    same prompts for both: the comparison stays paired by prompt). Percentile interval."""
+    same prompts for both: the comparison stays paired by prompt). Percentile interval; wide_level: also
+    wide_lo/wide_hi at that level from the same replicates (e.g. a family's Bonferroni level)."""
     import numpy as np
     a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
     if a.shape[1] != b.shape[1]:
@@ -390,8 +391,12 @@ def hierarchical_bootstrap(a, b, n_boot: int = 2000, seed: int = 0, level: float
         p = rng.integers(0, n, n)
         boot[i] = a[sa][:, p].mean() - b[sb][:, p].mean()
     tail = (1 - level) / 2
-    return {"difference": float(a.mean() - b.mean()), "lo": float(np.quantile(boot, tail)),
-            "hi": float(np.quantile(boot, 1 - tail)), "seeds_a": len(a), "seeds_b": len(b), "prompts": n}
+    out = {"difference": float(a.mean() - b.mean()), "lo": float(np.quantile(boot, tail)),
+           "hi": float(np.quantile(boot, 1 - tail)), "seeds_a": len(a), "seeds_b": len(b), "prompts": n}
+    if wide_level is not None:
+        wide = (1 - wide_level) / 2
+        out.update(wide_lo=float(np.quantile(boot, wide)), wide_hi=float(np.quantile(boot, 1 - wide)))
+    return out
 
 
 # --- judge-corrected paired differences (issue 29) ------------------------------------------------------------

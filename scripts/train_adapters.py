@@ -173,13 +173,16 @@ def main() -> int:
                      f"DIFFERENT ({data[0]} vs {data[1]}: the base model's answers came out differently here)"))
         return 0 if same else 1
     if args.summary_only:
-        logs = failed = 0
+        if not T.trained_seeds(out):
+            print(f"error: no adapter folder (<arm>-s<seed>) in {out}: nothing to summarise; train one first",
+                  file=sys.stderr)
+            return 2
+        failed = 0
     elif args.jobs > 1:
         model, tokenizer = H.load_model(profile, "base")  # the data once, before the workers start
         T.training_examples(profile, rec, model, tokenizer)
         del model
         failed = run_jobs(args, [(arm, seed) for seed in seeds for arm in args.arms])
-        logs = T.existing_logs(rec, out, seeds)
     else:
         command = "cd " + shlex.quote(str(REPO)) + " && .venv/bin/python " + " ".join(
             shlex.quote(a) for a in [str(Path(sys.argv[0]).resolve().relative_to(REPO))
@@ -197,7 +200,7 @@ def main() -> int:
             if record.committed(folder):
                 record.seal(folder, record.remake_command(folder))
     if not args.no_summary:  # every adapter of this recipe in the folder, whichever seeds this run trained
-        table = T.summary(dict(sorted(T.existing_logs(rec, out, sorted({*seeds, *T.trained_seeds(out)})).items())))
+        table = T.summary(dict(sorted(T.existing_logs(rec, out, T.trained_seeds(out)).items())))
         table.to_csv(out / "summary.csv", index=False)
         print(table.to_string(index=False))
     return 1 if failed else 0

@@ -136,6 +136,17 @@ def test_unknown_budget_is_one_line_naming_the_points(monkeypatch, capsys):
     assert err.strip().count("\n") == 0 and "[0, 0.05, 0.5]" in err
 
 
+def test_summary_only_of_an_empty_folder_is_one_line(monkeypatch, capsys, tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_adapters", H.REPO / "scripts" / "train_adapters.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(sys, "argv", ["train_adapters.py", "--profile", "tiny", "--summary-only", "--out", str(tmp_path)])
+    assert script.main() == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "nothing to summarise" in err and not (tmp_path / "summary.csv").exists()
+
+
 def test_logs_that_predate_v3_keys_still_match_their_recipe(tiny):
     want = json.loads(json.dumps(dataclasses.asdict(T.recipe(tiny))))  # as a train log stores it
     logged = {k: v for k, v in want.items() if k not in ("clamp", "rand_match")}
@@ -336,6 +347,8 @@ def test_paired_seeds_draw_both_sides_together():
     apart = hierarchical_bootstrap(a, b, n_boot=500)
     assert paired["difference"] == apart["difference"]
     assert (paired["hi"] - paired["lo"]) < 0.5 * (apart["hi"] - apart["lo"])
+    wide = hierarchical_bootstrap(a, b, n_boot=500, paired_seeds=True, wide_level=0.99)
+    assert (wide["lo"], wide["hi"]) == (paired["lo"], paired["hi"]) and wide["wide_lo"] <= wide["lo"] < wide["hi"] <= wide["wide_hi"]
     with pytest.raises(ValueError, match="paired seeds"):
         hierarchical_bootstrap(a, b[:2], paired_seeds=True)
 

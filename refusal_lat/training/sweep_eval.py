@@ -614,10 +614,9 @@ def seed_claims(tables: dict, layer: int, judge: str = "project", n_boot: int = 
                 row = dict(zip(("estimate", "lo", "hi", "family_lo", "family_hi"), data))
             else:
                 x, y = data
-                h = hierarchical_bootstrap(x, y, n_boot=n_boot, paired_seeds=paired)
-                f = hierarchical_bootstrap(x, y, n_boot=n_boot, paired_seeds=paired, level=FAMILY_LEVEL)
+                h = hierarchical_bootstrap(x, y, n_boot=n_boot, paired_seeds=paired, wide_level=FAMILY_LEVEL)
                 row = {"estimate": 100 * h["difference"], "lo": 100 * h["lo"], "hi": 100 * h["hi"],
-                       "family_lo": 100 * f["lo"], "family_hi": 100 * f["hi"]}
+                       "family_lo": 100 * h["wide_lo"], "family_hi": 100 * h["wide_hi"]}
             rows.append({**head, "kind": "claim", "claim": claim, "reference": name, "family": CLAIM_FAMILY, **row,
                          "paper": paper, "verdict": verdict(row["lo"], row["hi"], EXPECT[claim], paper),
                          "verdict_family": verdict(row["family_lo"], row["family_hi"], EXPECT[claim], paper)})
